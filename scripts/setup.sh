@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up of a fresh machine for the toolkit and its lab:
+#   - Debian packages: docker.io, debootstrap (lab images), nginx with njs (the
+#     router's unit tests run it on loopback), wrk (the benchmark's load generator)
+#   - a Docker engine, started when none answers
+#   - .venv with the pinned development requirements (ansible, molecule, ...)
+#   - the lab images for Debian 12 and Debian 13
+# Safe to run again: every step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+need_apt=()
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v nginx >/dev/null || need_apt+=(nginx)
+[ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || need_apt+=(libnginx-mod-http-js)
+command -v wrk >/dev/null || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  # The tests start nginx themselves on loopback; keep the package from starting
+  # a system-wide nginx on port 80 (policy-rc.d is Debian's switch for that).
+  policy=/usr/sbin/policy-rc.d
+  [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT; }
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+scripts/ensure-docker.sh
+
+if [ ! -x .venv/bin/ansible-playbook ] || ! cmp -s requirements-dev.txt .venv/.requirements-dev.txt; then
+  log "creating .venv from requirements-dev.txt"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -r requirements-dev.txt
+  cp requirements-dev.txt .venv/.requirements-dev.txt
+fi
+
+# The `ansible` package bundles the collections requirements.yml names, so this
+# answers "Nothing to do" without reaching Galaxy; it fails loudly if one is missing.
+.venv/bin/ansible-galaxy collection install -r requirements.yml >/dev/null
+
+log "building lab images"
+for suite in ${LAB_SUITES:-bookworm trixie}; do
+  files/lab/build-image.sh "$suite"
+done
