@@ -21,9 +21,10 @@ if docker image inspect "$image" >/dev/null 2>&1; then
   exit 0
 fi
 
-# What every lab host needs before Ansible can manage it: systemd, Python for the
+# What every lab host needs before Ansible can manage it: systemd, sudo (plays
+# use become as on real hosts), Python for the
 # modules, apt bindings for ansible.builtin.apt, and tools the tests look with.
-packages=systemd,systemd-sysv,dbus,python3,python3-apt,ca-certificates,iproute2,procps,curl,less,gnupg
+packages=systemd,systemd-sysv,dbus,sudo,python3,python3-apt,ca-certificates,iproute2,procps,curl,less,gnupg
 
 root=$(mktemp -d /var/tmp/llm-lab-rootfs.XXXXXX)
 # debootstrap mounts /proc and /sys inside the root: unmount them before removing

@@ -1,0 +1,465 @@
+"""Filters over the model registry (the inventory variable ``llm_models``).
+
+The registry is the single source of truth for what runs where: the model_server
+role deploys from it and the gateway role derives its upstreams and routes from
+it. Validation lives here, in Python with unit tests, because a registry mistake
+(a typo'd key, a port used twice on one host, an alias that shadows another
+model) would otherwise surface as a silently wrong route at request time.
+
+Filters:
+    llm_registry_normalize(models, groups)      -> normalized list (validated)
+    llm_host_models(normalized, hostname)       -> models to run on one host
+    llm_gateway_upstreams(normalized, hostvars) -> nginx upstream blocks
+    llm_gateway_routes(normalized)              -> name/alias -> route (for njs)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+# Hugging Face repo ids: "org/name" or a bare legacy name such as "gpt2".
+HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# Path segments only: the prefix is pasted into nginx config and URLs verbatim.
+API_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+ENGINES = ("vllm", "infinity", "command")
+# Order matters only for readability of generated config; keep it canonical.
+ENDPOINTS = ("chat", "completions", "embeddings", "rerank")
+RUNTIMES = ("systemd", "docker")
+DEFAULT_ENDPOINTS = {"vllm": ["chat", "completions"], "infinity": ["embeddings", "rerank"]}
+# Infinity serves /embeddings without /v1 unless started with --url-prefix.
+DEFAULT_API_PREFIX = {"vllm": "/v1", "infinity": "", "command": "/v1"}
+ENGINES_NEEDING_SOURCE = ("vllm", "infinity")
+PORT_MIN, PORT_MAX = 1024, 65535
+
+KNOWN_FIELDS = frozenset(
+    {
+        "name", "aliases", "engine", "endpoints", "hosts", "port", "api_prefix",
+        "command", "source", "runtime", "version", "args", "env", "gpus",
+    }
+)
+
+REGISTRY = "llm_models"
+
+
+class _FieldError(ValueError):
+    """A field's value is wrong; the caller adds which model and field."""
+
+
+def _describe(value: Any) -> str:
+    """Show a bad value the way the user wrote it, with its YAML type when that is the surprise."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return repr(value)
+
+
+def _label(index: int, raw: Any) -> str:
+    """Name an entry by its model name when it has a valid one, else by its position."""
+    if isinstance(raw, Mapping):
+        name = raw.get("name")
+        if isinstance(name, str) and NAME_RE.match(name):
+            return f"{REGISTRY}: model '{name}'"
+    return f"{REGISTRY}[{index}]"
+
+
+def _is_int(value: Any) -> bool:
+    """YAML's true/false are ints to Python; a port or GPU id of `true` is a typo, not 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_name(value: Any) -> str:
+    """Names go into URLs, JSON and nginx config, so keep them to a safe character set."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise _FieldError(
+            f"must be a string matching {NAME_RE.pattern} (letters, digits, '.', '_', ':', '/', '-'), "
+            f"got {_describe(value)}"
+        )
+    return str(value)
+
+
+def _check_name_list(value: Any) -> list[str]:
+    """Aliases follow the same rules as names because clients send them the same way."""
+    if not isinstance(value, list):
+        raise _FieldError(f"must be a list of names, got {_describe(value)}")
+    names = []
+    for item in value:
+        try:
+            names.append(_check_name(item))
+        except _FieldError as exc:
+            raise _FieldError(f"every entry {exc}") from None
+    return names
+
+
+def _check_choice(value: Any, choices: Iterable[str]) -> str:
+    """Refuse unknown values rather than guessing what was meant."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise _FieldError(f"must be one of {', '.join(choices)}, got {_describe(value)}")
+    return str(value)
+
+
+def _check_endpoints(value: Any) -> list[str]:
+    """A model must serve at least one endpoint or the gateway could never route to it."""
+    if not isinstance(value, list) or not value:
+        raise _FieldError(f"must be a non-empty list from {', '.join(ENDPOINTS)}, got {_describe(value)}")
+    bad = [item for item in value if not isinstance(item, str) or item not in ENDPOINTS]
+    if bad:
+        raise _FieldError(f"must only contain {', '.join(ENDPOINTS)}, got {', '.join(_describe(b) for b in bad)}")
+    return [endpoint for endpoint in ENDPOINTS if endpoint in value]
+
+
+def _check_port(value: Any) -> int:
+    """Ports below 1024 need root, which model services must not run as."""
+    if not _is_int(value) or not PORT_MIN <= value <= PORT_MAX:
+        raise _FieldError(f"must be an integer from {PORT_MIN} to {PORT_MAX}, got {_describe(value)}")
+    return int(value)
+
+
+def _check_api_prefix(value: Any) -> str:
+    """The prefix is glued in front of /chat/completions etc., so no trailing slash."""
+    if not isinstance(value, str) or not API_PREFIX_RE.match(value):
+        raise _FieldError(f"must be \"\" or a path like \"/v1\" (no trailing slash), got {_describe(value)}")
+    return str(value)
+
+
+def _check_text(value: Any) -> str:
+    """A non-empty string; numbers are refused because YAML turns `0.10` into 0.1."""
+    if not isinstance(value, str) or not value.strip():
+        raise _FieldError(f"must be a non-empty string (quote numbers), got {_describe(value)}")
+    return str(value)
+
+
+def _check_source(value: Any) -> str:
+    """Either a Hugging Face repo id or an absolute path: relative paths depend on a cwd nobody controls."""
+    if isinstance(value, str) and (value.startswith("/") or HF_REPO_RE.match(value)):
+        return str(value)
+    raise _FieldError(f"must be a Hugging Face repo id (org/name) or an absolute path, got {_describe(value)}")
+
+
+def _scalar_to_str(value: Any) -> str:
+    """Numbers in args/env are natural in YAML (`--max-model-len, 4096`); booleans are a trap."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _FieldError(f"must contain only strings or numbers, got {_describe(value)}")
+
+
+def _check_args(value: Any) -> list[str]:
+    """Extra command-line arguments, passed to the engine one word each."""
+    if not isinstance(value, list):
+        raise _FieldError(f"must be a list of strings, got {_describe(value)}")
+    return [_scalar_to_str(item) for item in value]
+
+
+def _check_env(value: Any) -> dict[str, str]:
+    """Environment for the service; keys must be valid shell/systemd variable names."""
+    if not isinstance(value, Mapping):
+        raise _FieldError(f"must be a mapping of NAME: value, got {_describe(value)}")
+    env = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not ENV_KEY_RE.match(key):
+            raise _FieldError(f"has an invalid variable name {_describe(key)}")
+        env[str(key)] = _scalar_to_str(item)
+    return env
+
+
+def _check_gpus(value: Any) -> list[int]:
+    """GPU ids are device indices; duplicates would hide a mistake."""
+    if not isinstance(value, list) or not all(_is_int(g) and g >= 0 for g in value):
+        raise _FieldError(f"must be a list of non-negative integers, got {_describe(value)}")
+    if len(set(value)) != len(value):
+        raise _FieldError(f"must not repeat a GPU id, got {list(value)}")
+    return sorted(int(g) for g in value)
+
+
+def _check_hosts(value: Any, groups: Mapping[str, Any]) -> list[str]:
+    """Expand groups like Ansible's host patterns do (a group wins over a host of the same name)."""
+    if not isinstance(value, list) or not value:
+        raise _FieldError(f"must be a non-empty list of inventory hosts or groups, got {_describe(value)}")
+    known_hosts = {host for members in groups.values() for host in members}
+    hosts: set[str] = set()
+    for item in value:
+        if not isinstance(item, str):
+            raise _FieldError(f"must contain only host or group names, got {_describe(item)}")
+        if item in groups:
+            members = list(groups[item])
+            if not members:
+                raise _FieldError(f"group '{item}' has no hosts")
+            hosts.update(str(host) for host in members)
+        elif item in known_hosts:
+            hosts.add(str(item))
+        else:
+            raise _FieldError(f"'{item}' is neither a host nor a group in the inventory")
+    return sorted(hosts)
+
+
+class _Entry:
+    """Collects one entry's field errors so every bad field is reported, not only the first."""
+
+    def __init__(self, label: str, errors: list[str]) -> None:
+        self.label = label
+        self.errors = errors
+        self.ok = True
+
+    def check(self, field: str, value: Any, check: Callable[..., Any], *args: Any) -> Any:
+        """Run one field check; on failure record a message that names model and field."""
+        try:
+            return check(value, *args)
+        except _FieldError as exc:
+            self.fail(field, str(exc))
+            return None
+
+    def fail(self, field: str, message: str) -> None:
+        """Record an error for this entry."""
+        self.ok = False
+        self.errors.append(f"{self.label}: field '{field}': {message}")
+
+
+def _unknown_field_message(key: str) -> str:
+    """Typos must not be ignored; suggesting the likely intended field makes the fix obvious."""
+    close = difflib.get_close_matches(key, sorted(KNOWN_FIELDS), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(sorted(KNOWN_FIELDS))}"
+    return f"unknown field ({hint})"
+
+
+def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: list[str]) -> tuple[dict[str, Any], bool]:
+    """Validate one entry and fill its defaults; returns (model, ok).
+
+    A model with errors is still returned, with None for its bad fields, so the
+    registry-wide checks can report e.g. a duplicate name in the same run.
+    """
+    label = _label(index, raw)
+    if not isinstance(raw, Mapping):
+        errors.append(f"{label}: must be a mapping with at least name, engine, hosts and port, got {_describe(raw)}")
+        return {}, False
+    entry = _Entry(label, errors)
+    for key in sorted(set(raw) - KNOWN_FIELDS, key=str):
+        entry.fail(str(key), _unknown_field_message(str(key)))
+    for key in ("name", "engine", "hosts", "port"):
+        if key not in raw:
+            entry.fail(key, "is required")
+
+    model: dict[str, Any] = {}
+    model["name"] = entry.check("name", raw["name"], _check_name) if "name" in raw else None
+    model["aliases"] = entry.check("aliases", raw.get("aliases", []), _check_name_list)
+    engine = entry.check("engine", raw["engine"], _check_choice, ENGINES) if "engine" in raw else None
+    model["engine"] = engine
+    model["hosts"] = entry.check("hosts", raw["hosts"], _check_hosts, groups) if "hosts" in raw else None
+    model["port"] = entry.check("port", raw["port"], _check_port) if "port" in raw else None
+    model["runtime"] = entry.check("runtime", raw.get("runtime", "systemd"), _check_choice, RUNTIMES)
+    model["version"] = entry.check("version", raw["version"], _check_text) if "version" in raw else None
+    model["args"] = entry.check("args", raw.get("args", []), _check_args)
+    model["env"] = entry.check("env", raw.get("env", {}), _check_env)
+    model["gpus"] = entry.check("gpus", raw.get("gpus", []), _check_gpus)
+
+    # The rest depends on the engine; with an invalid engine there is nothing sound to check against.
+    if "endpoints" in raw:
+        model["endpoints"] = entry.check("endpoints", raw["endpoints"], _check_endpoints)
+    elif engine in DEFAULT_ENDPOINTS:
+        model["endpoints"] = list(DEFAULT_ENDPOINTS[engine])
+    elif engine == "command":
+        entry.fail("endpoints", "is required for engine 'command' (which endpoints the command serves)")
+    if "api_prefix" in raw:
+        model["api_prefix"] = entry.check("api_prefix", raw["api_prefix"], _check_api_prefix)
+    elif engine:
+        model["api_prefix"] = DEFAULT_API_PREFIX[engine]
+    if engine == "command":
+        if "command" not in raw:
+            entry.fail("command", "is required for engine 'command'")
+        else:
+            model["command"] = entry.check("command", raw["command"], _check_text)
+    elif engine and "command" in raw:
+        entry.fail("command", f"is only valid with engine 'command', not '{engine}'")
+    model.setdefault("command", None)
+    if "source" in raw:
+        model["source"] = entry.check("source", raw["source"], _check_source)
+    elif engine in ENGINES_NEEDING_SOURCE:
+        entry.fail("source", f"is required for engine '{engine}' (Hugging Face repo id or absolute path)")
+    model.setdefault("source", None)
+
+    valid_names = model["name"] is not None and model["aliases"] is not None
+    model["served_names"] = [model["name"], *model["aliases"]] if valid_names else None
+    return model, entry.ok
+
+
+def _check_unique_names(models: list[dict[str, Any]], errors: list[str]) -> None:
+    """A name or alias used twice would make the gateway's route depend on list order."""
+    owner: dict[str, int] = {}
+    for index, model in enumerate(models):
+        if not model.get("served_names"):
+            continue
+        for position, served in enumerate(model["served_names"]):
+            field = "name" if position == 0 else "aliases"
+            if served in owner:
+                other = owner[served]
+                where = "this model" if other == index else f"model '{models[other]['name']}' ({REGISTRY}[{other}])"
+                errors.append(f"{REGISTRY}: model '{model['name']}': field '{field}': "
+                              f"'{served}' is already used by {where}")
+            else:
+                owner[served] = index
+
+
+def _check_host_conflicts(models: list[dict[str, Any]], errors: list[str]) -> None:
+    """Two services on one host cannot bind the same port or (usefully) share a GPU."""
+    ports: dict[tuple[str, int], str] = {}
+    gpus: dict[tuple[str, int], str] = {}
+    for model in models:
+        if not model.get("name") or model.get("hosts") is None or model.get("port") is None:
+            continue
+        for host in model["hosts"]:
+            key = (host, model["port"])
+            if key in ports:
+                errors.append(f"{REGISTRY}: model '{model['name']}': field 'port': port {model['port']} "
+                              f"on host '{host}' is already used by model '{ports[key]}'")
+            else:
+                ports[key] = model["name"]
+            for gpu in model["gpus"] or []:
+                gkey = (host, gpu)
+                if gkey in gpus:
+                    errors.append(f"{REGISTRY}: model '{model['name']}': field 'gpus': GPU {gpu} "
+                                  f"on host '{host}' is already used by model '{gpus[gkey]}'")
+                else:
+                    gpus[gkey] = model["name"]
+
+
+def _upstream_names(names: list[str]) -> dict[str, str]:
+    """Readable nginx upstream names; a short hash keeps `chat.small` and `chat-small` apart."""
+    def base(name: str) -> str:
+        return "llm_" + (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "model")
+
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[base(name)] = counts.get(base(name), 0) + 1
+    result = {}
+    for name in names:
+        upstream = base(name)
+        if counts[upstream] > 1:
+            upstream += "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+        result[name] = upstream
+    return result
+
+
+def _raise_errors(errors: list[str]) -> None:
+    """One error reads as one line; several are listed so a single run shows them all."""
+    if len(errors) == 1:
+        raise AnsibleFilterError(errors[0])
+    if errors:
+        raise AnsibleFilterError(f"{REGISTRY}: {len(errors)} errors:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def llm_registry_normalize(models: Any, groups: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Validate the registry and return it with defaults filled, hosts expanded and upstream names.
+
+    `groups` is Ansible's `groups` magic variable, needed to expand group names and to
+    refuse hosts that are not in the inventory. Raises AnsibleFilterError listing every error.
+    """
+    if not isinstance(models, list):
+        raise AnsibleFilterError(f"{REGISTRY}: must be a list of models, got {_describe(models)}")
+    if not isinstance(groups, Mapping):
+        raise AnsibleFilterError("llm_registry_normalize: the second argument must be the 'groups' variable")
+    errors: list[str] = []
+    checked = [_normalize_entry(index, raw, groups, errors) for index, raw in enumerate(models)]
+    normalized = [model for model, _ in checked]
+    _check_unique_names(normalized, errors)
+    _check_host_conflicts(normalized, errors)
+    _raise_errors(errors)
+    upstreams = _upstream_names([model["name"] for model in normalized])
+    for model in normalized:
+        model["upstream"] = upstreams[model["name"]]
+    return normalized
+
+
+def _require_normalized(normalized: Any, filter_name: str) -> list[Mapping[str, Any]]:
+    """Catch the easy mistake of passing raw llm_models where llm_registry is expected."""
+    if not isinstance(normalized, list) or not all(
+        isinstance(m, Mapping) and "upstream" in m and "served_names" in m for m in normalized
+    ):
+        raise AnsibleFilterError(
+            f"{filter_name}: expects the output of llm_registry_normalize (llm_registry), not raw llm_models"
+        )
+    return normalized
+
+
+def llm_host_models(normalized: Any, inventory_hostname: str) -> list[dict[str, Any]]:
+    """The models one host runs, so the model_server role loops over exactly these."""
+    return [dict(m) for m in _require_normalized(normalized, "llm_host_models") if inventory_hostname in m["hosts"]]
+
+
+def _host_address(hostvars: Mapping[str, Any], host: str, model: str) -> str:
+    """The private address the gateway uses to reach a host: explicit wins over facts."""
+    prefix = f"{REGISTRY}: model '{model}': host '{host}'"
+    if host not in hostvars:
+        raise AnsibleFilterError(f"{prefix}: not found in hostvars")
+    host_vars = hostvars[host]
+    explicit = host_vars.get("llm_private_address")
+    if explicit not in (None, ""):
+        if not isinstance(explicit, str):
+            raise AnsibleFilterError(f"{prefix}: llm_private_address must be a string, got {_describe(explicit)}")
+        address = str(explicit)
+    else:
+        facts = host_vars.get("ansible_facts") or {}
+        default_ipv4 = (facts.get("default_ipv4") or {}) if isinstance(facts, Mapping) else {}
+        address = default_ipv4.get("address") if isinstance(default_ipv4, Mapping) else None
+        if not address:
+            raise AnsibleFilterError(
+                f"{prefix}: has no address for the gateway: gather its facts in this run "
+                f"(a play on it with gather_facts: true) or set llm_private_address for it"
+            )
+        address = str(address)
+    # nginx needs IPv6 literals in brackets before the port.
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def llm_gateway_upstreams(normalized: Any, hostvars: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One nginx upstream per model, servers as ADDR:PORT in host order, sorted by upstream name."""
+    upstreams = []
+    for model in _require_normalized(normalized, "llm_gateway_upstreams"):
+        servers = [f"{_host_address(hostvars, host, model['name'])}:{model['port']}" for host in model["hosts"]]
+        upstreams.append({"name": model["upstream"], "model": model["name"], "servers": servers})
+    return sorted(upstreams, key=lambda upstream: upstream["name"])
+
+
+def llm_gateway_routes(normalized: Any) -> dict[str, dict[str, Any]]:
+    """Every name and alias a client may send, mapped to where the njs router sends it."""
+    routes: dict[str, dict[str, Any]] = {}
+    for model in _require_normalized(normalized, "llm_gateway_routes"):
+        route = {
+            "id": model["name"],
+            "upstream": model["upstream"],
+            "prefix": model["api_prefix"],
+            "endpoints": list(model["endpoints"]),
+            "engine": model["engine"],
+            "aliases": list(model["aliases"]),
+        }
+        for served in model["served_names"]:
+            if served in routes:
+                raise AnsibleFilterError(f"llm_gateway_routes: name '{served}' is served by two models")
+            # A copy per name: shared objects would render as YAML anchors if anyone dumps them.
+            routes[served] = {**route, "endpoints": list(route["endpoints"]), "aliases": list(route["aliases"])}
+    return routes
+
+
+class FilterModule:
+    """Ansible entry point."""
+
+    def filters(self) -> dict[str, Callable[..., Any]]:
+        """Map filter names to functions."""
+        return {
+            "llm_registry_normalize": llm_registry_normalize,
+            "llm_host_models": llm_host_models,
+            "llm_gateway_upstreams": llm_gateway_upstreams,
+            "llm_gateway_routes": llm_gateway_routes,
+        }

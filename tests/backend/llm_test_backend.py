@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""An OpenAI-compatible TEST backend: a fixture for the gateway's tests, never a product engine.
+
+It speaks vLLM's wire format (paths, error JSON, SSE without X-Accel-Buffering) well
+enough for the official `openai` client, and adds what tests need from a backend:
+  - every response says which host, port and model served it (X-Backend-* headers,
+    and a "backend" object in JSON bodies), so a test can check where the gateway routed;
+  - every request is recorded (GET/DELETE /_test/requests), with a sha256 of the body,
+    so a test can prove the body arrived unchanged and count retries;
+  - faults on demand (POST /_test/behaviour: fail, hang, slow) for retry/timeout tests.
+
+Standard library only, one file, Python 3.11+, so it can be copied onto any lab host.
+
+    llm_test_backend.py --host 0.0.0.0 --port 8101 --model chat-small gpt-4o-mini [--api-prefix '']
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import hashlib
+import json
+import math
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+EMBEDDING_DIM = 8
+DEFAULT_CHUNKS = 5
+MAX_RECORDS = 10_000  # enough for any test; bounded so a soak test cannot exhaust memory
+MAX_BODY = 64 * 1024 * 1024
+HANG_LIMIT = 600.0
+MODES = ("ok", "fail", "hang", "slow")
+
+
+class ClientError(Exception):
+    """A request the backend refuses with an OpenAI-style error JSON."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+@dataclass
+class Behaviour:
+    """The injected fault, shared by all handler threads; a condition wakes hung requests on change."""
+
+    mode: str = "ok"
+    status: int = 500
+    delay: float = 2.0
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The public view for GET /_test/behaviour."""
+        with self.changed:
+            return {"mode": self.mode, "status": self.status, "delay": self.delay}
+
+    def update(self, body: Any) -> dict[str, Any]:
+        """Validate and apply a new behaviour; invalid input changes nothing."""
+        if not isinstance(body, dict):
+            raise ClientError(400, "behaviour must be a JSON object", "invalid_request_error")
+        mode = body.get("mode", "ok")
+        status = body.get("status", 500)
+        delay = body.get("delay", 2.0)
+        if mode not in MODES:
+            raise ClientError(400, f"mode must be one of {', '.join(MODES)}", "invalid_request_error", "mode")
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            raise ClientError(400, "status must be an integer from 400 to 599", "invalid_request_error", "status")
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= HANG_LIMIT:
+            raise ClientError(400, f"delay must be a number of seconds from 0 to {HANG_LIMIT:g}",
+                              "invalid_request_error", "delay")
+        with self.changed:
+            self.mode, self.status, self.delay = mode, status, float(delay)
+            self.changed.notify_all()
+        return self.as_dict()
+
+    def apply(self) -> int | None:
+        """Delay as told; return an error status to send instead of the answer, or None."""
+        with self.changed:
+            mode, status, delay = self.mode, self.status, self.delay
+            if mode == "hang":
+                # Until someone changes the mode (or shutdown), like a backend stuck on a GPU.
+                self.changed.wait_for(lambda: self.mode != "hang", timeout=HANG_LIMIT)
+                return None
+        if mode == "slow":
+            time.sleep(delay)
+        return status if mode == "fail" else None
+
+    def release(self) -> None:
+        """Wake hung requests on shutdown so the process can exit promptly."""
+        with self.changed:
+            self.mode = "ok"
+            self.changed.notify_all()
+
+
+class RequestLog:
+    """What the backend received, for tests that check routing, retries and body integrity."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_RECORDS)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Remember one request."""
+        with self._lock:
+            self._records.append(record)
+
+    def all(self) -> list[dict[str, Any]]:
+        """A snapshot, oldest first."""
+        with self._lock:
+            return list(self._records)
+
+    def clear(self) -> None:
+        """Forget everything (between test cases)."""
+        with self._lock:
+            self._records.clear()
+
+
+@dataclass
+class Config:
+    """Command-line settings every handler thread reads."""
+
+    host: str
+    port: int
+    models: list[str]
+    api_prefix: str
+    stream_interval: float
+    keepalive_timeout: float
+    hostname: str = field(default_factory=socket.gethostname)
+
+
+# --- response bodies, as pure functions of the request ------------------------------------
+
+
+def word_count(value: Any) -> int:
+    """A stand-in for a tokenizer: deterministic and good enough for `usage` numbers."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(word_count(item) for item in value)
+    if isinstance(value, dict):
+        return word_count(value.get("content", "")) + word_count(value.get("text", ""))
+    return 0
+
+
+def requested_tokens(body: dict[str, Any]) -> int:
+    """How many pieces to answer with: max_tokens (or the newer max_completion_tokens) else a default."""
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    if value is None:
+        return DEFAULT_CHUNKS
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ClientError(400, "max_tokens must be a positive integer", "invalid_request_error", "max_tokens")
+    return value
+
+
+def finish_reason(body: dict[str, Any]) -> str:
+    """vLLM says "length" when the answer stopped at the caller's token limit."""
+    return "length" if body.get("max_completion_tokens", body.get("max_tokens")) is not None else "stop"
+
+
+def piece(index: int, config: Config) -> str:
+    """One streamed piece: its index and time make pacing and ordering visible to tests."""
+    return f"[{index} {config.hostname}:{config.port} t={time.time():.3f}] "
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """OpenAI's usage object."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def embedding(value: Any) -> list[float]:
+    """A deterministic unit vector from the input's hash: equal inputs give equal vectors."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    raw = [int.from_bytes(digest[i * 4:(i + 1) * 4], "big") / 2**31 - 1.0 for i in range(EMBEDDING_DIM)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
+def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """The openai client asks for base64 (little-endian float32) unless told otherwise."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+def embeddings_inputs(body: dict[str, Any]) -> list[Any]:
+    """`input` is a string, a list of strings, a token list or a list of token lists."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, int) for item in value):
+            return [value]
+        return value
+    raise ClientError(400, "input must be a string or a non-empty list", "invalid_request_error", "input")
+
+
+def rerank_score(query: str, document: str) -> float:
+    """Share of query words found in the document, plus a tiny hash tiebreak so order is total."""
+    query_words = set(query.lower().split())
+    doc_words = set(document.lower().split())
+    overlap = len(query_words & doc_words) / len(query_words) if query_words else 0.0
+    tiebreak = int.from_bytes(hashlib.sha256(document.encode("utf-8")).digest()[:2], "big") / 65536 / 1000
+    return round(overlap * 0.99 + tiebreak, 6)
+
+
+def document_text(document: Any) -> str:
+    """Cohere/Infinity accept plain strings; some clients send {"text": ...}."""
+    if isinstance(document, str):
+        return document
+    if isinstance(document, dict) and isinstance(document.get("text"), str):
+        return document["text"]
+    raise ClientError(400, "documents must be strings or objects with a text field", "invalid_request_error",
+                      "documents")
+
+
+def new_id(prefix: str) -> str:
+    """Ids shaped like vLLM's."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def chat_response(body: dict[str, Any], model: str, config: Config) -> dict[str, Any]:
+    """A non-streamed chat.completion."""
+    n = requested_tokens(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ClientError(400, "messages must be a non-empty list", "invalid_request_error", "messages")
+    content = "".join(piece(i, config) for i in range(n)).strip()
+    return {
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": []},
+                     "logprobs": None, "finish_reason": finish_reason(body)}],
+        "usage": usage(word_count(messages), n),
+    }
+
+
+def completion_response(body: dict[str, Any], model: str, config: Config) -> dict[str, Any]:
+    """A non-streamed text_completion."""
+    n = requested_tokens(body)
+    text = "".join(piece(i, config) for i in range(n))
+    return {
+        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None,
+                     "finish_reason": finish_reason(body)}],
+        "usage": usage(word_count(body.get("prompt", "")), n),
+    }
+
+
+def embeddings_response(body: dict[str, Any], model: str, _config: Config) -> dict[str, Any]:
+    """An OpenAI embeddings list."""
+    inputs = embeddings_inputs(body)
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise ClientError(400, "encoding_format must be float or base64", "invalid_request_error", "encoding_format")
+    data = [{"object": "embedding", "index": i, "embedding": encode_embedding(embedding(item), encoding_format)}
+            for i, item in enumerate(inputs)]
+    tokens = sum(word_count(item) if isinstance(item, str) else len(item) for item in inputs)
+    return {"id": new_id("embd"), "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def rerank_response(body: dict[str, Any], model: str, _config: Config) -> dict[str, Any]:
+    """Infinity-style rerank results (document as a plain string when asked for), best first."""
+    query = body.get("query")
+    documents = body.get("documents")
+    if not isinstance(query, str) or not isinstance(documents, list) or not documents:
+        raise ClientError(400, "query (string) and documents (non-empty list) are required", "invalid_request_error")
+    texts = [document_text(d) for d in documents]
+    top_n = body.get("top_n") or len(texts)
+    return_documents = bool(body.get("return_documents", False))
+    results = sorted(
+        ({"index": i, "relevance_score": rerank_score(query, text),
+          "document": text if return_documents else None} for i, text in enumerate(texts)),
+        key=lambda result: -result["relevance_score"],
+    )[:top_n]
+    tokens = word_count(query) + word_count(texts)
+    return {"id": new_id("rerank"), "object": "rerank", "created": int(time.time()), "model": model,
+            "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def chat_chunks(body: dict[str, Any], model: str, config: Config) -> list[Any]:
+    """vLLM's stream: a role chunk, content chunks, a finish chunk (and usage if asked)."""
+    n = requested_tokens(body)
+    ident, created = new_id("chatcmpl"), int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    # Content is computed lazily so each chunk's timestamp is when it was sent.
+    pieces: list[Any] = [chunk({"role": "assistant", "content": ""})]
+    pieces += [lambda i=i: chunk({"content": piece(i, config)}) for i in range(n)]
+    pieces.append(chunk({}, finish_reason(body)))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        pieces.append({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [], "usage": usage(word_count(body.get("messages")), n)})
+    return pieces
+
+
+def completion_chunks(body: dict[str, Any], model: str, config: Config) -> list[Any]:
+    """Streamed text_completion objects, as vLLM sends them."""
+    n = requested_tokens(body)
+    ident, created = new_id("cmpl"), int(time.time())
+
+    def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+    pieces: list[Any] = [lambda i=i: chunk(piece(i, config)) for i in range(n)]
+    pieces.append(chunk("", finish_reason(body)))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        pieces.append({"id": ident, "object": "text_completion", "created": created, "model": model,
+                       "choices": [], "usage": usage(word_count(body.get("prompt", "")), n)})
+    return pieces
+
+
+# OpenAI path (after the prefix) -> (answer builder, stream builder or None)
+ROUTES = {
+    "/chat/completions": (chat_response, chat_chunks),
+    "/completions": (completion_response, completion_chunks),
+    "/embeddings": (embeddings_response, None),
+    "/rerank": (rerank_response, None),
+}
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The error JSON vLLM and OpenAI return; the openai client raises on it by status."""
+    error_type = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed",
+                  413: "RequestTooLarge"}.get(status, "InternalServerError" if status >= 500 else "Error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection; HTTP/1.1 so the gateway's upstream keepalive is exercised."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "llm-test-backend/1"
+    config: Config
+    behaviour: Behaviour
+    request_log: RequestLog
+
+    # --- plumbing
+
+    def setup(self) -> None:
+        """Idle keep-alive connections close after the timeout, like vLLM/uvicorn (5 s)."""
+        self.timeout = self.config.keepalive_timeout
+        super().setup()
+        self._status = 0
+        self._started = time.monotonic()
+
+    def end_headers(self) -> None:
+        """Every response, errors and SSE included, says who answered."""
+        self.send_header("X-Backend-Host", self.config.hostname)
+        self.send_header("X-Backend-Port", str(self.config.port))
+        self.send_header("X-Backend-Model", self.config.models[0])
+        headers = getattr(self, "headers", None)
+        request_id = headers.get("X-Request-ID") if headers is not None else None
+        if request_id:
+            self.send_header("X-Request-ID", request_id)
+        super().end_headers()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """Remember the status for the access log line."""
+        self._status = code
+        super().send_response(code, message)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Replaced by one line per request in `finish_request_log`, with timing and model."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
+        """stderr goes to journald on lab hosts; keep each entry on one line."""
+        if args and isinstance(args[0], TimeoutError):
+            return  # an idle keep-alive connection timing out is normal, not worth a journal line
+        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+        sys.stderr.flush()
+
+    def finish_request_log(self, model: str | None) -> None:
+        """One access-log line per request."""
+        elapsed = time.monotonic() - self._started
+        request_id = self.headers.get("X-Request-ID", "-")
+        sys.stderr.write(f"{self.client_address[0]} {self.command} {self.path} {self._status} "
+                         f"{elapsed:.3f}s model={model or '-'} request_id={request_id}\n")
+        sys.stderr.flush()
+
+    def read_body(self) -> bytes:
+        """Read the whole body (Content-Length or chunked) so the connection stays usable."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+                if sum(map(len, parts)) > MAX_BODY:
+                    raise ClientError(413, "request body too large", "request_too_large")
+            return b"".join(parts)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self.close_connection = True  # the unread body would be parsed as the next request
+            raise ClientError(413, "request body too large", "request_too_large")
+        return self.rfile.read(length) if length else b""
+
+    def send_json(self, status: int, payload: Any) -> None:
+        """A JSON answer, always with Content-Length so keep-alive works."""
+        data = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        """An OpenAI-style error."""
+        self.send_json(status, error_body(status, message, code, param))
+
+    def backend_info(self) -> dict[str, Any]:
+        """Who answered, inside the JSON body, for clients that drop headers."""
+        return {"host": self.config.hostname, "port": self.config.port, "model": self.config.models[0],
+                "path": self.path}
+
+    # --- dispatch
+
+    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+        """GET requests."""
+        self.dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        """POST requests."""
+        self.dispatch()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        """DELETE requests."""
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Read, record, apply the injected behaviour, answer; errors become error JSON."""
+        model = None
+        try:
+            body = self.read_body()
+            path = self.path.split("?", 1)[0]
+            if path.startswith("/_test/"):
+                self.handle_test_api(path, body)
+                return
+            model = self.record(path, body)
+            fault = self.behaviour.apply()
+            if fault is not None:
+                self.send_error_json(fault, f"injected failure (status {fault})", "injected_failure")
+                return
+            self.handle_api(path, body)
+        except ClientError as exc:
+            self.send_error_json(exc.status, str(exc), exc.code, exc.param)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away (e.g. cancelled a stream)
+        finally:
+            self.finish_request_log(model)
+
+    def record(self, path: str, body: bytes) -> str | None:
+        """Log the request for /_test/requests before any fault, so failed attempts are visible too."""
+        model = None
+        try:
+            parsed = json.loads(body) if body else None
+            if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                model = parsed["model"]
+        except ValueError:
+            pass
+        self.request_log.add({
+            "method": self.command, "path": path, "body_length": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(), "model": model,
+            "request_id": self.headers.get("X-Request-ID"), "client": self.client_address[0],
+            "timestamp": time.time(),
+        })
+        return model
+
+    def handle_test_api(self, path: str, body: bytes) -> None:
+        """The control API for tests; deliberately outside the prefix and unaffected by faults."""
+        if path == "/_test/requests" and self.command == "GET":
+            self.send_json(200, self.request_log.all())
+        elif path == "/_test/requests" and self.command == "DELETE":
+            self.request_log.clear()
+            self.send_json(200, {"cleared": True})
+        elif path == "/_test/behaviour" and self.command == "GET":
+            self.send_json(200, self.behaviour.as_dict())
+        elif path == "/_test/behaviour" and self.command == "POST":
+            self.send_json(200, self.behaviour.update(parse_json(body)))
+        else:
+            raise ClientError(404, f"no test endpoint {self.command} {path}", "not_found")
+
+    def handle_api(self, path: str, body: bytes) -> None:
+        """The OpenAI paths under the prefix, and /health."""
+        prefix = self.config.api_prefix
+        if path == "/health":
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if not path.startswith(prefix + "/"):
+            raise ClientError(404, f"no route for {path}", "not_found")
+        route = path[len(prefix):]
+        if route == "/models" and self.command == "GET":
+            self.send_json(200, self.models_list())
+            return
+        if route not in ROUTES:
+            raise ClientError(404, f"no route for {path}", "not_found")
+        if self.command != "POST":
+            raise ClientError(405, f"{self.command} is not allowed on {path}", "method_not_allowed")
+        request = parse_json(body)
+        if not isinstance(request, dict):
+            raise ClientError(400, "request body must be a JSON object", "invalid_request_error")
+        model = self.check_model(request)
+        answer, stream = ROUTES[route]
+        if request.get("stream") is True:
+            if stream is None:
+                raise ClientError(400, f"{route} does not support streaming", "invalid_request_error", "stream")
+            self.send_stream(stream(request, model, self.config), self.stream_interval())
+            return
+        self.send_json(200, {**answer(request, model, self.config), "backend": self.backend_info()})
+
+    def check_model(self, request: dict[str, Any]) -> str:
+        """Like vLLM: an unknown model is a 404; no model means the first served name."""
+        model = request.get("model")
+        if model is None:
+            return self.config.models[0]
+        if model not in self.config.models:
+            raise ClientError(404, f"The model `{model}` does not exist.", "model_not_found", "model")
+        return str(model)
+
+    def models_list(self) -> dict[str, Any]:
+        """GET {prefix}/models: every served name, as vLLM lists its served model names."""
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "llm-test-backend",
+             "root": self.config.models[0], "parent": None} for name in self.config.models]}
+
+    def stream_interval(self) -> float:
+        """Seconds between chunks: the server default, or the request's X-Test-Stream-Interval."""
+        header = self.headers.get("X-Test-Stream-Interval")
+        if header is None:
+            return self.config.stream_interval
+        try:
+            value = float(header)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 60:
+            raise ClientError(400, "X-Test-Stream-Interval must be seconds from 0 to 60", "invalid_request_error")
+        return value
+
+    def send_stream(self, pieces: list[Any], interval: float) -> None:
+        """SSE over chunked encoding, paced, as vLLM sends it (and without X-Accel-Buffering)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        content_sent = False
+        for item in pieces:
+            if callable(item):  # a content piece: pace them, the framing chunks around them go at once
+                if content_sent and interval:
+                    time.sleep(interval)
+                content_sent = True
+                item = item()
+            self.write_chunk(f"data: {json.dumps(item)}\n\n".encode("utf-8"))
+        self.write_chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def write_chunk(self, data: bytes) -> None:
+        """One HTTP chunk, flushed at once so pacing reaches the client."""
+        self.wfile.write(f"{len(data):x}\r\n".encode("ascii") + data + b"\r\n")
+        self.wfile.flush()
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body; bad JSON is the client's error (400), never a crash."""
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ClientError(400, f"invalid JSON body: {exc}", "invalid_json") from None
+
+
+class Server(ThreadingHTTPServer):
+    """Threaded so a hung or streaming request never blocks others; daemon threads so exit is quick."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # socketserver's default backlog of 5 drops connections under the gateway's load tests.
+    request_queue_size = 128
+
+
+def make_server(config: Config) -> Server:
+    """Bind, choosing IPv6 when the address is one."""
+    behaviour, request_log = Behaviour(), RequestLog()
+    handler = type("BoundHandler", (Handler,), {"config": config, "behaviour": behaviour,
+                                                "request_log": request_log})
+    server_class = Server
+    if ":" in config.host:
+        server_class = type("Server6", (Server,), {"address_family": socket.AF_INET6})
+    server = server_class((config.host, config.port), handler)
+    config.port = server.server_address[1]  # --port 0 picks a free port; report the real one
+    return server
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line; --model takes several names because $LLM_SERVED_NAMES splits into words."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, required=True, help="port to bind; 0 picks a free one")
+    parser.add_argument("--model", nargs="+", required=True, help="served names: the model name, then aliases")
+    parser.add_argument("--api-prefix", default="/v1", help="path prefix of the OpenAI paths ('' like Infinity)")
+    parser.add_argument("--stream-interval", type=float, default=0.2, help="seconds between streamed chunks")
+    parser.add_argument("--keepalive-timeout", type=float, default=5.0,
+                        help="close idle keep-alive connections after this many seconds (vLLM: 5)")
+    args = parser.parse_args(argv)
+    prefix = args.api_prefix.rstrip("/")
+    if prefix and not prefix.startswith("/"):
+        parser.error("--api-prefix must be empty or start with /")
+    return Config(host=args.host, port=args.port, models=args.model, api_prefix=prefix,
+                  stream_interval=args.stream_interval, keepalive_timeout=args.keepalive_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (exit 0, so systemd sees a clean stop)."""
+    config = parse_args(argv)
+    server = make_server(config)
+
+    def stop(signum: int, _frame: Any) -> None:
+        sys.stderr.write(f"llm_test_backend: signal {signum}, shutting down\n")
+        # shutdown() waits for serve_forever(), which runs in this thread: call it from another.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        server.RequestHandlerClass.behaviour.release()  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sys.stderr.write(f"llm_test_backend listening on {config.host}:{config.port} "
+                     f"models={','.join(config.models)} prefix={config.api_prefix!r}\n")
+    sys.stderr.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""Unit tests for roles/model_registry/filter_plugins/llm_registry.py.
+
+Every validation error is asserted on its message, because the message (model and
+field named) is the product: it is what an operator reads when a play fails.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ansible.errors import AnsibleFilterError
+
+import llm_registry as reg
+
+GROUPS: dict[str, list[str]] = {
+    "all": ["gw1", "gpu1", "gpu2", "gpu3"],
+    "ungrouped": [],
+    "llm_gateways": ["gw1"],
+    "llm_gpu_hosts": ["gpu1", "gpu2"],
+    "spare": ["gpu3"],
+    "empty": [],
+}
+
+
+def chat(**overrides: Any) -> dict[str, Any]:
+    """A valid command-engine entry; tests change one field at a time."""
+    entry: dict[str, Any] = {
+        "name": "chat-small",
+        "aliases": ["gpt-4o-mini"],
+        "engine": "command",
+        "command": "/usr/bin/python3 /opt/b.py",
+        "endpoints": ["chat", "completions"],
+        "hosts": ["llm_gpu_hosts"],
+        "port": 8101,
+    }
+    entry.update(overrides)
+    return entry
+
+
+def vllm(**overrides: Any) -> dict[str, Any]:
+    """A minimal valid vllm entry, relying on every default."""
+    entry: dict[str, Any] = {"name": "qwen", "engine": "vllm", "source": "Qwen/Qwen2.5-7B", "hosts": ["gpu1"],
+                             "port": 8001}
+    entry.update(overrides)
+    return entry
+
+
+def infinity(**overrides: Any) -> dict[str, Any]:
+    """A minimal valid infinity entry, relying on every default."""
+    entry: dict[str, Any] = {"name": "bge-m3", "engine": "infinity", "source": "/srv/models/bge-m3",
+                             "hosts": ["gpu2"], "port": 8002}
+    entry.update(overrides)
+    return entry
+
+
+def errors_of(models: Any, groups: dict[str, list[str]] | None = None) -> str:
+    """Run normalize expecting failure and return the message."""
+    with pytest.raises(AnsibleFilterError) as info:
+        reg.llm_registry_normalize(models, GROUPS if groups is None else groups)
+    return str(info.value.message)
+
+
+# --- normalize: the happy path -------------------------------------------------------------
+
+
+def test_normalize_fills_defaults_for_vllm() -> None:
+    [model] = reg.llm_registry_normalize([vllm()], GROUPS)
+    assert model == {
+        "name": "qwen",
+        "aliases": [],
+        "engine": "vllm",
+        "endpoints": ["chat", "completions"],
+        "hosts": ["gpu1"],
+        "port": 8001,
+        "api_prefix": "/v1",
+        "command": None,
+        "source": "Qwen/Qwen2.5-7B",
+        "runtime": "systemd",
+        "version": None,
+        "args": [],
+        "env": {},
+        "gpus": [],
+        "served_names": ["qwen"],
+        "upstream": "llm_qwen",
+    }
+
+
+def test_normalize_fills_defaults_for_infinity() -> None:
+    [model] = reg.llm_registry_normalize([infinity()], GROUPS)
+    assert model["endpoints"] == ["embeddings", "rerank"]
+    assert model["api_prefix"] == ""
+    assert model["source"] == "/srv/models/bge-m3"
+
+
+def test_normalize_command_defaults_to_v1_prefix_and_keeps_explicit_values() -> None:
+    [model] = reg.llm_registry_normalize(
+        [chat(runtime="docker", version="0.10", args=["--max-model-len", 4096, 0.9], env={"A": "x", "N": 4},
+              gpus=[1, 0], endpoints=["completions", "chat"])],
+        GROUPS,
+    )
+    assert model["api_prefix"] == "/v1"
+    assert model["runtime"] == "docker"
+    assert model["version"] == "0.10"
+    assert model["args"] == ["--max-model-len", "4096", "0.9"]
+    assert model["env"] == {"A": "x", "N": "4"}
+    assert model["gpus"] == [0, 1]
+    assert model["endpoints"] == ["chat", "completions"], "endpoints come back in canonical order"
+    assert model["served_names"] == ["chat-small", "gpt-4o-mini"]
+
+
+def test_normalize_expands_groups_to_sorted_unique_hosts() -> None:
+    [model] = reg.llm_registry_normalize([chat(hosts=["gpu2", "llm_gpu_hosts", "spare"])], GROUPS)
+    assert model["hosts"] == ["gpu1", "gpu2", "gpu3"]
+
+
+def test_normalize_accepts_empty_api_prefix_and_empty_registry() -> None:
+    [model] = reg.llm_registry_normalize([chat(api_prefix="")], GROUPS)
+    assert model["api_prefix"] == ""
+    assert reg.llm_registry_normalize([], GROUPS) == []
+
+
+def test_normalize_does_not_modify_its_input() -> None:
+    models = [chat(hosts=["llm_gpu_hosts"])]
+    before = copy.deepcopy(models)
+    reg.llm_registry_normalize(models, GROUPS)
+    assert models == before
+
+
+def test_normalize_allows_same_port_and_gpu_on_different_hosts() -> None:
+    models = [chat(hosts=["gpu1"], gpus=[0]), vllm(name="other", hosts=["gpu2"], port=8101, gpus=[0])]
+    assert len(reg.llm_registry_normalize(models, GROUPS)) == 2
+
+
+def test_upstream_names_are_readable_and_unique() -> None:
+    models = [chat(name="chat.small", aliases=[], hosts=["gpu1"], port=9001),
+              chat(name="chat-small", aliases=[], hosts=["gpu1"], port=9002),
+              chat(name="Org/Model:7B", aliases=[], hosts=["gpu1"], port=9003)]
+    upstreams = [m["upstream"] for m in reg.llm_registry_normalize(models, GROUPS)]
+    assert len(set(upstreams)) == 3
+    assert upstreams[0].startswith("llm_chat_small_") and upstreams[1].startswith("llm_chat_small_")
+    assert upstreams[2] == "llm_org_model_7b"
+    # Deterministic: the same registry gives the same names on every run.
+    assert upstreams == [m["upstream"] for m in reg.llm_registry_normalize(models, GROUPS)]
+
+
+def test_lab_inventory_registry_is_valid() -> None:
+    """The registry the lab ships with must pass its own validation."""
+    path = Path(__file__).resolve().parents[2] / "inventories/lab/group_vars/all/llm_models.yml"
+    models = yaml.safe_load(path.read_text())["llm_models"]
+    lab_groups = {"all": ["gw1", "gpu1", "gpu2"], "llm_gateways": ["gw1"], "llm_gpu_hosts": ["gpu1", "gpu2"]}
+    names = [m["name"] for m in reg.llm_registry_normalize(models, lab_groups)]
+    assert names == ["chat-small", "chat-large", "embed-small"]
+
+
+# --- normalize: every validation error -----------------------------------------------------
+
+BAD_FIELDS = [
+    # (entry, expected message fragment)
+    (chat(port="abc"), "llm_models: model 'chat-small': field 'port': must be an integer from 1024 to 65535, "
+                       "got 'abc'"),
+    (chat(port=80), "model 'chat-small': field 'port': must be an integer from 1024 to 65535, got 80"),
+    (chat(port=65536), "field 'port': must be an integer from 1024 to 65535, got 65536"),
+    (chat(port=True), "field 'port': must be an integer from 1024 to 65535, got boolean true"),
+    (chat(engine="vlm"), "model 'chat-small': field 'engine': must be one of vllm, infinity, command, got 'vlm'"),
+    (chat(aliases="gpt-4o"), "model 'chat-small': field 'aliases': must be a list of names, got 'gpt-4o'"),
+    (chat(aliases=["ok", "bad name"]), "model 'chat-small': field 'aliases': every entry must be a string matching"),
+    (chat(endpoints=[]), "model 'chat-small': field 'endpoints': must be a non-empty list"),
+    (chat(endpoints=["chat", "images"]), "field 'endpoints': must only contain chat, completions, embeddings, "
+                                         "rerank, got 'images'"),
+    (chat(endpoints="chat"), "field 'endpoints': must be a non-empty list"),
+    (chat(hosts=[]), "model 'chat-small': field 'hosts': must be a non-empty list of inventory hosts or groups"),
+    (chat(hosts="gpu1"), "field 'hosts': must be a non-empty list"),
+    (chat(hosts=["gpu9"]), "model 'chat-small': field 'hosts': 'gpu9' is neither a host nor a group in the inventory"),
+    (chat(hosts=["empty"]), "model 'chat-small': field 'hosts': group 'empty' has no hosts"),
+    (chat(hosts=[1]), "field 'hosts': must contain only host or group names, got 1"),
+    (chat(api_prefix="v1"), "model 'chat-small': field 'api_prefix': must be \"\" or a path like \"/v1\""),
+    (chat(api_prefix="/v1/"), "field 'api_prefix': must be \"\" or a path like \"/v1\" (no trailing slash), "
+                              "got '/v1/'"),
+    (chat(api_prefix=None), "field 'api_prefix': must be \"\" or a path like \"/v1\" (no trailing slash), got null"),
+    (chat(command=""), "model 'chat-small': field 'command': must be a non-empty string"),
+    (chat(command=["python3", "b.py"]), "field 'command': must be a non-empty string (quote numbers), got a list"),
+    (chat(source="models/x y"), "model 'chat-small': field 'source': must be a Hugging Face repo id (org/name) or an "
+                                "absolute path, got 'models/x y'"),
+    (chat(source="./relative"), "field 'source': must be a Hugging Face repo id"),
+    (chat(runtime="podman"), "model 'chat-small': field 'runtime': must be one of systemd, docker, got 'podman'"),
+    (chat(version=0.1), "model 'chat-small': field 'version': must be a non-empty string (quote numbers), got 0.1"),
+    (chat(args="--x"), "model 'chat-small': field 'args': must be a list of strings, got '--x'"),
+    (chat(args=["--flag", True]), "field 'args': must contain only strings or numbers, got boolean true"),
+    (chat(env=["A=1"]), "model 'chat-small': field 'env': must be a mapping of NAME: value, got a list"),
+    (chat(env={"1BAD": "x"}), "model 'chat-small': field 'env': has an invalid variable name '1BAD'"),
+    (chat(env={"A": None}), "field 'env': must contain only strings or numbers, got null"),
+    (chat(gpus=[0, -1]), "model 'chat-small': field 'gpus': must be a list of non-negative integers"),
+    (chat(gpus=0), "field 'gpus': must be a list of non-negative integers, got 0"),
+    (chat(gpus=[False]), "field 'gpus': must be a list of non-negative integers"),
+    (chat(gpus=[1, 1]), "model 'chat-small': field 'gpus': must not repeat a GPU id, got [1, 1]"),
+    (chat(prot=8101), "model 'chat-small': field 'prot': unknown field (did you mean 'port'?)"),
+    (chat(zzzz=1), "model 'chat-small': field 'zzzz': unknown field (known fields: aliases, api_prefix"),
+    (vllm(command="x"), "model 'qwen': field 'command': is only valid with engine 'command', not 'vllm'"),
+    (vllm(source=None), "model 'qwen': field 'source': must be a Hugging Face repo id"),
+    ({k: v for k, v in vllm().items() if k != "source"},
+     "model 'qwen': field 'source': is required for engine 'vllm'"),
+    ({k: v for k, v in infinity().items() if k != "source"},
+     "model 'bge-m3': field 'source': is required for engine 'infinity'"),
+    ({k: v for k, v in chat().items() if k != "command"},
+     "model 'chat-small': field 'command': is required for engine 'command'"),
+    ({k: v for k, v in chat().items() if k != "endpoints"},
+     "model 'chat-small': field 'endpoints': is required for engine 'command'"),
+]
+
+
+@pytest.mark.parametrize(("entry", "expected"), BAD_FIELDS, ids=[e for _, e in BAD_FIELDS])
+def test_bad_field_is_reported_with_model_and_field(entry: dict[str, Any], expected: str) -> None:
+    assert expected in errors_of([entry])
+
+
+@pytest.mark.parametrize("field", ["name", "engine", "hosts", "port"])
+def test_missing_required_field(field: str) -> None:
+    entry = {k: v for k, v in vllm().items() if k != field}
+    label = "llm_models[0]" if field == "name" else "llm_models: model 'qwen'"
+    assert f"{label}: field '{field}': is required" in errors_of([entry])
+
+
+@pytest.mark.parametrize("name", ["-leading-dash", "has space", "", 42, None, "ü"])
+def test_invalid_name_is_reported_by_index(name: Any) -> None:
+    message = errors_of([vllm(), vllm(name=name, port=8002)])
+    assert "llm_models[1]: field 'name': must be a string matching" in message
+
+
+def test_entry_that_is_not_a_mapping_is_reported_by_index() -> None:
+    message = errors_of([vllm(), "qwen"])
+    assert "llm_models[1]: must be a mapping with at least name, engine, hosts and port, got 'qwen'" in message
+
+
+def test_registry_that_is_not_a_list() -> None:
+    assert errors_of({"name": "x"}) == "llm_models: must be a list of models, got a mapping"
+
+
+def test_groups_must_be_a_mapping() -> None:
+    with pytest.raises(AnsibleFilterError, match="second argument must be the 'groups' variable"):
+        reg.llm_registry_normalize([], ["gpu1"])  # type: ignore[arg-type]
+
+
+def test_duplicate_name_across_models() -> None:
+    message = errors_of([chat(aliases=[]), chat(aliases=[], hosts=["spare"])])
+    assert "llm_models: model 'chat-small': field 'name': 'chat-small' is already used by this model" not in message
+    assert ("model 'chat-small': field 'name': 'chat-small' is already used by model 'chat-small' "
+            "(llm_models[0])") in message
+
+
+def test_alias_that_shadows_another_models_name() -> None:
+    message = errors_of([chat(), vllm(aliases=["chat-small"])])
+    expected = "model 'qwen': field 'aliases': 'chat-small' is already used by model 'chat-small' (llm_models[0])"
+    assert expected in message
+
+
+def test_alias_used_by_two_models() -> None:
+    message = errors_of([chat(), vllm(aliases=["gpt-4o-mini"])])
+    assert "model 'qwen': field 'aliases': 'gpt-4o-mini' is already used by model 'chat-small'" in message
+
+
+def test_alias_repeating_the_models_own_name() -> None:
+    message = errors_of([vllm(aliases=["qwen"])])
+    assert "model 'qwen': field 'aliases': 'qwen' is already used by this model" in message
+
+
+def test_two_models_on_one_host_must_not_share_a_port() -> None:
+    message = errors_of([chat(), vllm(port=8101)])
+    assert ("llm_models: model 'qwen': field 'port': port 8101 on host 'gpu1' is already used by model "
+            "'chat-small'") in message
+    assert "host 'gpu2'" not in message, "qwen runs only on gpu1"
+
+
+def test_two_models_on_one_host_must_not_share_a_gpu() -> None:
+    message = errors_of([chat(gpus=[0, 1]), vllm(gpus=[1])])
+    expected = "llm_models: model 'qwen': field 'gpus': GPU 1 on host 'gpu1' is already used by model 'chat-small'"
+    assert expected in message
+
+
+def test_duplicate_name_is_found_even_when_the_entry_has_other_errors() -> None:
+    message = errors_of([chat(port="abc"), chat(aliases=[])])
+    assert "field 'port': must be an integer" in message
+    assert "field 'name': 'chat-small' is already used by model 'chat-small' (llm_models[0])" in message
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    message = errors_of([chat(port="abc", engine="nope"), {"engine": "vllm"}, 5])
+    assert message.startswith("llm_models: 7 errors:\n")
+    for fragment in ("model 'chat-small': field 'port'", "model 'chat-small': field 'engine'",
+                     "llm_models[1]: field 'name': is required", "llm_models[1]: field 'hosts': is required",
+                     "llm_models[1]: field 'port': is required", "llm_models[1]: field 'source': is required",
+                     "llm_models[2]: must be a mapping"):
+        assert fragment in message
+
+
+def test_a_single_error_is_one_line() -> None:
+    assert errors_of([chat(port="abc")]) == (
+        "llm_models: model 'chat-small': field 'port': must be an integer from 1024 to 65535, got 'abc'"
+    )
+
+
+# --- llm_host_models -----------------------------------------------------------------------
+
+
+@pytest.fixture(name="registry")
+def fixture_registry() -> list[dict[str, Any]]:
+    """A normalised registry across two hosts, shared by the derived-filter tests."""
+    return reg.llm_registry_normalize([chat(), vllm(port=8001, gpus=[0]), infinity()], GROUPS)
+
+
+def test_host_models_selects_models_of_that_host(registry: list[dict[str, Any]]) -> None:
+    assert [m["name"] for m in reg.llm_host_models(registry, "gpu1")] == ["chat-small", "qwen"]
+    assert [m["name"] for m in reg.llm_host_models(registry, "gpu2")] == ["chat-small", "bge-m3"]
+    assert reg.llm_host_models(registry, "gw1") == []
+
+
+def test_derived_filters_refuse_raw_llm_models() -> None:
+    for call in (lambda: reg.llm_host_models([chat()], "gpu1"),
+                 lambda: reg.llm_gateway_upstreams([chat()], {}),
+                 lambda: reg.llm_gateway_routes([chat()]),
+                 lambda: reg.llm_gateway_routes("nope")):
+        with pytest.raises(AnsibleFilterError, match="expects the output of llm_registry_normalize"):
+            call()
+
+
+# --- llm_gateway_upstreams -----------------------------------------------------------------
+
+
+def facts(address: str) -> dict[str, Any]:
+    """hostvars of a host whose facts were gathered."""
+    return {"ansible_facts": {"default_ipv4": {"address": address}}}
+
+
+HOSTVARS: dict[str, dict[str, Any]] = {
+    "gw1": facts("10.0.0.1"),
+    "gpu1": {"llm_private_address": "192.168.9.1", **facts("10.0.0.11")},
+    "gpu2": facts("10.0.0.12"),
+}
+
+
+def test_upstreams_use_private_address_then_facts(registry: list[dict[str, Any]]) -> None:
+    assert reg.llm_gateway_upstreams(registry, HOSTVARS) == [
+        {"name": "llm_bge_m3", "model": "bge-m3", "servers": ["10.0.0.12:8002"]},
+        {"name": "llm_chat_small", "model": "chat-small", "servers": ["192.168.9.1:8101", "10.0.0.12:8101"]},
+        {"name": "llm_qwen", "model": "qwen", "servers": ["192.168.9.1:8001"]},
+    ]
+
+
+def test_upstreams_bracket_ipv6(registry: list[dict[str, Any]]) -> None:
+    hostvars = {**HOSTVARS, "gpu1": {"llm_private_address": "fd00::1"}}
+    [qwen] = [u for u in reg.llm_gateway_upstreams(registry, hostvars) if u["model"] == "qwen"]
+    assert qwen["servers"] == ["[fd00::1]:8001"]
+
+
+@pytest.mark.parametrize("gpu2_vars", [{}, {"ansible_facts": {}}, {"ansible_facts": {"default_ipv4": {}}},
+                                       {"llm_private_address": ""}])
+def test_upstreams_without_address_name_host_and_model(registry: list[dict[str, Any]],
+                                                       gpu2_vars: dict[str, Any]) -> None:
+    with pytest.raises(AnsibleFilterError) as info:
+        reg.llm_gateway_upstreams(registry, {**HOSTVARS, "gpu2": gpu2_vars})
+    message = str(info.value.message)
+    assert "llm_models: model 'chat-small': host 'gpu2': has no address" in message
+    assert "gather its facts" in message and "llm_private_address" in message
+
+
+def test_upstreams_host_missing_from_hostvars(registry: list[dict[str, Any]]) -> None:
+    with pytest.raises(AnsibleFilterError, match="model 'chat-small': host 'gpu2': not found in hostvars"):
+        reg.llm_gateway_upstreams(registry, {"gpu1": HOSTVARS["gpu1"]})
+
+
+def test_upstreams_private_address_must_be_a_string(registry: list[dict[str, Any]]) -> None:
+    with pytest.raises(AnsibleFilterError, match="host 'gpu1': llm_private_address must be a string, got 42"):
+        reg.llm_gateway_upstreams(registry, {**HOSTVARS, "gpu1": {"llm_private_address": 42}})
+
+
+# --- llm_gateway_routes --------------------------------------------------------------------
+
+
+def test_routes_map_every_name_and_alias(registry: list[dict[str, Any]]) -> None:
+    routes = reg.llm_gateway_routes(registry)
+    assert set(routes) == {"chat-small", "gpt-4o-mini", "qwen", "bge-m3"}
+    chat_route = {"id": "chat-small", "upstream": "llm_chat_small", "prefix": "/v1",
+                  "endpoints": ["chat", "completions"], "engine": "command", "aliases": ["gpt-4o-mini"]}
+    assert routes["chat-small"] == chat_route
+    assert routes["gpt-4o-mini"] == chat_route
+    assert routes["bge-m3"] == {"id": "bge-m3", "upstream": "llm_bge_m3", "prefix": "",
+                                "endpoints": ["embeddings", "rerank"], "engine": "infinity", "aliases": []}
+
+
+def test_routes_refuse_a_name_served_twice(registry: list[dict[str, Any]]) -> None:
+    tampered = copy.deepcopy(registry)
+    tampered[1]["served_names"].append("gpt-4o-mini")
+    with pytest.raises(AnsibleFilterError, match="name 'gpt-4o-mini' is served by two models"):
+        reg.llm_gateway_routes(tampered)
+
+
+def test_filter_module_exposes_all_filters() -> None:
+    assert set(reg.FilterModule().filters()) == {
+        "llm_registry_normalize", "llm_host_models", "llm_gateway_upstreams", "llm_gateway_routes",
+    }

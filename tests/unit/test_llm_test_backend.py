@@ -1,0 +1,421 @@
+"""Tests of the OpenAI-compatible test backend (tests/backend/llm_test_backend.py).
+
+The backend runs as a real process on 127.0.0.1, as it does on lab hosts, and is
+spoken to over HTTP: the gateway tests rely on its wire format, so that is what is
+checked here. LLM_TEST_BACKEND_PYTHON picks another interpreter (e.g. python3.13).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BACKEND = Path(__file__).resolve().parents[2] / "tests" / "backend" / "llm_test_backend.py"
+PYTHON = os.environ.get("LLM_TEST_BACKEND_PYTHON", sys.executable)
+
+
+@dataclass
+class Reply:
+    """A response read to the end."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+@dataclass
+class Backend:
+    """A running backend process and how to talk to it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
+        """A fresh keep-alive connection."""
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                raw: bytes | None = None) -> Reply:
+        """One request on its own connection; `body` is sent as JSON, `raw` as is."""
+        conn = self.connect()
+        try:
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            conn.request(method, path, body=data, headers=headers or {})
+            response = conn.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            conn.close()
+
+    def behave(self, **behaviour: Any) -> None:
+        """Set the injected fault."""
+        assert self.request("POST", "/_test/behaviour", behaviour).status == 200
+
+    def stop(self) -> int:
+        """SIGTERM and wait: the exit code says whether shutdown was clean."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=5)
+
+
+def start_backend(log: Path, *args: str) -> Backend:
+    """Start on a free port (--port 0) and learn the port from the startup line, so no race."""
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen([PYTHON, str(BACKEND), "--host", "127.0.0.1", "--port", "0", *args],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        if match:
+            return Backend(proc, int(match.group(1)), log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"backend did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(name="backend", scope="module")
+def fixture_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """One backend for the module; serving `chat-small` with alias `gpt-4o-mini`."""
+    log = tmp_path_factory.mktemp("backend") / "stderr.log"
+    backend = start_backend(log, "--model", "chat-small", "gpt-4o-mini", "--stream-interval", "0.05")
+    yield backend
+    if backend.proc.poll() is None:
+        backend.proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts with no recorded requests and no fault."""
+    if "backend" not in request.fixturenames:
+        yield
+        return
+    backend: Backend = request.getfixturevalue("backend")
+    backend.request("DELETE", "/_test/requests")
+    backend.behave(mode="ok")
+    yield
+    backend.behave(mode="ok")
+
+
+def assert_backend_headers(reply: Reply, backend: Backend) -> None:
+    """Every response names who served it."""
+    assert reply.headers["X-Backend-Port"] == str(backend.port)
+    assert reply.headers["X-Backend-Model"] == "chat-small"
+    assert reply.headers["X-Backend-Host"]
+
+
+def chat_body(**extra: Any) -> dict[str, Any]:
+    """A minimal chat request."""
+    return {"model": "chat-small", "messages": [{"role": "user", "content": "hello there"}], **extra}
+
+
+# --- plain endpoints ------------------------------------------------------------------------
+
+
+def test_health_is_empty_200(backend: Backend) -> None:
+    reply = backend.request("GET", "/health")
+    assert (reply.status, reply.body, reply.headers["Content-Length"]) == (200, b"", "0")
+    assert_backend_headers(reply, backend)
+
+
+def test_models_lists_every_served_name(backend: Backend) -> None:
+    reply = backend.request("GET", "/v1/models")
+    assert reply.status == 200
+    body = reply.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["chat-small", "gpt-4o-mini"]
+    assert all(m["object"] == "model" for m in body["data"])
+
+
+def test_chat_completion(backend: Backend) -> None:
+    reply = backend.request("POST", "/v1/chat/completions", chat_body(model="gpt-4o-mini", max_tokens=3),
+                            headers={"X-Request-ID": "req-123", "Content-Type": "application/json"})
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "application/json"
+    assert reply.headers["X-Request-ID"] == "req-123"
+    assert_backend_headers(reply, backend)
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == "gpt-4o-mini", "the alias the client sent is echoed, as vLLM does"
+    assert isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].count("[") == 3
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert body["backend"] == {"host": reply.headers["X-Backend-Host"], "port": backend.port,
+                               "model": "chat-small", "path": "/v1/chat/completions"}
+
+
+def test_completion(backend: Backend) -> None:
+    reply = backend.request("POST", "/v1/completions", {"model": "chat-small", "prompt": "once upon"})
+    body = reply.json()
+    assert reply.status == 200
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"].count("[") == 5, "5 pieces without max_tokens"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == 2
+
+
+def test_embeddings_are_deterministic_unit_vectors(backend: Backend) -> None:
+    one = backend.request("POST", "/v1/embeddings", {"model": "chat-small", "input": "alpha"}).json()
+    many = backend.request("POST", "/v1/embeddings", {"model": "chat-small", "input": ["beta", "alpha"]}).json()
+    assert one["object"] == "list" and one["data"][0]["object"] == "embedding"
+    vector = one["data"][0]["embedding"]
+    assert len(vector) == 8
+    assert math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-9)
+    assert [d["index"] for d in many["data"]] == [0, 1]
+    assert many["data"][1]["embedding"] == vector, "same input, same vector"
+    assert many["data"][0]["embedding"] != vector
+    assert many["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+
+
+def test_embeddings_base64_matches_floats(backend: Backend) -> None:
+    floats = backend.request("POST", "/v1/embeddings", {"model": "chat-small", "input": "x"}).json()
+    b64 = backend.request("POST", "/v1/embeddings",
+                          {"model": "chat-small", "input": "x", "encoding_format": "base64"}).json()
+    decoded = struct.unpack("<8f", base64.b64decode(b64["data"][0]["embedding"]))
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(decoded, floats["data"][0]["embedding"]))
+
+
+def test_rerank_orders_by_relevance(backend: Backend) -> None:
+    body = {"model": "chat-small", "query": "capital of france",
+            "documents": ["bananas are yellow", "paris is the capital of france", "the capital of spain"],
+            "top_n": 2, "return_documents": True}
+    reply = backend.request("POST", "/v1/rerank", body)
+    assert reply.status == 200
+    results = reply.json()["results"]
+    assert [r["index"] for r in results] == [1, 2]
+    assert results[0]["relevance_score"] > results[1]["relevance_score"]
+    assert results[0]["document"] == "paris is the capital of france"
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_404_model_not_found(backend: Backend) -> None:
+    reply = backend.request("POST", "/v1/chat/completions", chat_body(model="gpt-5"),
+                            headers={"X-Request-ID": "r404"})
+    assert reply.status == 404
+    error = reply.json()["error"]
+    assert error["code"] == "model_not_found"
+    assert "gpt-5" in error["message"] and error["type"] and "param" in error
+    assert reply.headers["X-Request-ID"] == "r404"
+    assert_backend_headers(reply, backend)
+
+
+def test_invalid_json_is_400(backend: Backend) -> None:
+    reply = backend.request("POST", "/v1/chat/completions", raw=b"{not json")
+    assert reply.status == 400
+    assert reply.json()["error"]["code"] == "invalid_json"
+
+
+def test_unknown_path_and_wrong_method(backend: Backend) -> None:
+    assert backend.request("POST", "/v2/chat/completions", chat_body()).status == 404
+    assert backend.request("POST", "/embeddings", chat_body()).status == 404, "prefix is /v1 here"
+    assert backend.request("GET", "/v1/chat/completions").status == 405
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(backend: Backend) -> None:
+    conn = backend.connect()
+    try:
+        sockets = []
+        for _ in range(3):
+            conn.request("POST", "/v1/embeddings", body=json.dumps({"model": "chat-small", "input": "k"}))
+            response = conn.getresponse()
+            assert response.status == 200 and response.getheader("Content-Length")
+            response.read()
+            sockets.append(conn.sock)
+        assert sockets[0] is not None and sockets.count(sockets[0]) == 3
+    finally:
+        conn.close()
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+def read_sse(backend: Backend, path: str, body: dict[str, Any],
+             headers: dict[str, str] | None = None) -> tuple[http.client.HTTPResponse, list[tuple[float, str]]]:
+    """Read an SSE stream event by event, noting when each `data:` line arrived."""
+    conn = backend.connect()
+    started = time.monotonic()
+    conn.request("POST", path, body=json.dumps(body), headers=headers or {})
+    response = conn.getresponse()
+    events = []
+    while line := response.readline():
+        if line.startswith(b"data: "):
+            events.append((time.monotonic() - started, line[6:].decode().strip()))
+    conn.close()
+    return response, events
+
+
+def test_chat_stream_is_paced_sse_like_vllm(backend: Backend) -> None:
+    response, events = read_sse(backend, "/v1/chat/completions", chat_body(stream=True, max_tokens=4),
+                                headers={"X-Test-Stream-Interval": "0.2", "X-Request-ID": "s1"})
+    assert response.status == 200
+    assert response.getheader("Content-Type").startswith("text/event-stream")
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    assert response.getheader("X-Accel-Buffering") is None, "vLLM sends none; the gateway must cope"
+    assert response.getheader("X-Request-ID") == "s1"
+    assert response.getheader("X-Backend-Port") == str(backend.port)
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    content = [(t, c) for (t, _), c in zip(events, chunks) if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content) == 4
+    assert [c["choices"][0]["delta"]["content"].split()[0] for _, c in content] == ["[0", "[1", "[2", "[3"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    first, last = content[0][0], content[-1][0]
+    assert first < 0.4, f"first chunk came after {first:.2f}s: the stream is buffered"
+    assert last - first >= 0.55, f"3 gaps of 0.2s took only {last - first:.2f}s"
+
+
+def test_completion_stream_uses_server_interval_and_include_usage(backend: Backend) -> None:
+    response, events = read_sse(backend, "/v1/completions",
+                                {"model": "gpt-4o-mini", "prompt": "hi", "stream": True,
+                                 "stream_options": {"include_usage": True}})
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert response.status == 200 and events[-1][1] == "[DONE]"
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) == 5
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert events[-2][0] - events[0][0] >= 4 * 0.05 * 0.9, "--stream-interval 0.05 between 5 pieces"
+
+
+def test_bad_stream_interval_header_is_400(backend: Backend) -> None:
+    reply = backend.request("POST", "/v1/chat/completions", chat_body(stream=True),
+                            headers={"X-Test-Stream-Interval": "soon"})
+    assert reply.status == 400
+
+
+# --- recording and behaviour ----------------------------------------------------------------
+
+
+def test_requests_are_recorded_with_body_hash(backend: Backend) -> None:
+    raw = json.dumps(chat_body(model="gpt-4o-mini")).encode()
+    backend.request("POST", "/v1/chat/completions", raw=raw, headers={"X-Request-ID": "rec-1"})
+    backend.request("POST", "/v1/chat/completions", raw=b"garbage")
+    backend.request("GET", "/health")
+    records = backend.request("GET", "/_test/requests").json()
+    assert [r["path"] for r in records] == ["/v1/chat/completions", "/v1/chat/completions", "/health"], \
+        "/_test calls are not recorded"
+    first = records[0]
+    assert first["method"] == "POST"
+    assert first["body_length"] == len(raw)
+    assert first["body_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert first["model"] == "gpt-4o-mini"
+    assert first["request_id"] == "rec-1"
+    assert isinstance(first["timestamp"], float)
+    assert records[1]["model"] is None and records[1]["body_sha256"] == hashlib.sha256(b"garbage").hexdigest()
+    assert backend.request("DELETE", "/_test/requests").status == 200
+    assert backend.request("GET", "/_test/requests").json() == []
+
+
+def test_behaviour_fail_answers_error_but_records_the_request(backend: Backend) -> None:
+    backend.behave(mode="fail", status=503)
+    assert backend.request("GET", "/_test/behaviour").json() == {"mode": "fail", "status": 503, "delay": 2.0}
+    reply = backend.request("POST", "/v1/chat/completions", chat_body())
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "injected_failure"
+    assert_backend_headers(reply, backend)
+    assert backend.request("GET", "/health").status == 503
+    assert len(backend.request("GET", "/_test/requests").json()) == 2, "/_test paths still work"
+
+
+def test_behaviour_fail_defaults_to_500(backend: Backend) -> None:
+    backend.behave(mode="fail")
+    assert backend.request("GET", "/health").status == 500
+
+
+def test_behaviour_slow_delays_the_answer(backend: Backend) -> None:
+    backend.behave(mode="slow", delay=0.3)
+    started = time.monotonic()
+    assert backend.request("GET", "/health").status == 200
+    assert time.monotonic() - started >= 0.3
+
+
+def test_behaviour_hang_holds_requests_until_mode_changes(backend: Backend) -> None:
+    backend.behave(mode="hang")
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(backend.request("GET", "/health").status))
+    worker.start()
+    worker.join(0.4)
+    assert worker.is_alive() and not result, "a hung backend must not answer"
+    backend.behave(mode="ok")
+    worker.join(2)
+    assert result == [200]
+
+
+@pytest.mark.parametrize("bad", [{"mode": "explode"}, {"mode": "fail", "status": 200}, {"mode": "slow", "delay": -1},
+                                 ["fail"]])
+def test_invalid_behaviour_is_refused(backend: Backend, bad: Any) -> None:
+    assert backend.request("POST", "/_test/behaviour", bad).status == 400
+    assert backend.request("GET", "/_test/behaviour").json()["mode"] == "ok"
+
+
+# --- a second instance: no prefix, and shutdown ------------------------------------------------
+
+
+def test_empty_prefix_and_clean_sigterm_even_while_hanging(tmp_path: Path) -> None:
+    backend = start_backend(tmp_path / "stderr.log", "--model", "embed-small", "text-embedding-3-small",
+                            "--api-prefix", "")
+    try:
+        reply = backend.request("POST", "/embeddings", {"model": "text-embedding-3-small", "input": "x"})
+        assert reply.status == 200 and reply.headers["X-Backend-Model"] == "embed-small"
+        assert backend.request("GET", "/models").status == 200
+        assert backend.request("POST", "/v1/embeddings", {"model": "embed-small", "input": "x"}).status == 404
+        backend.behave(mode="hang")
+        threading.Thread(target=lambda: backend.request("GET", "/health"), daemon=True).start()
+        time.sleep(0.2)
+        assert backend.stop() == 0
+        log = backend.log.read_text()
+        assert "POST /embeddings 200" in log and "model=text-embedding-3-small" in log, "one line per request"
+    finally:
+        if backend.proc.poll() is None:
+            backend.proc.kill()
+
+
+# --- the official client ----------------------------------------------------------------------
+
+
+def test_official_openai_client_parses_responses(backend: Backend) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{backend.port}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2)
+    assert chat.choices[0].message.content.count("[") == 2 and chat.usage.completion_tokens == 2
+    stream = client.chat.completions.create(model="chat-small", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 3
+    completion = client.completions.create(model="chat-small", prompt="x", max_tokens=2)
+    assert completion.choices[0].text.count("[") == 2
+    embedded = client.embeddings.create(model="chat-small", input=["a", "b"])  # base64 on the wire
+    assert [len(d.embedding) for d in embedded.data] == [8, 8]
+    assert [m.id for m in client.models.list()] == ["chat-small", "gpt-4o-mini"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    records = backend.request("GET", "/_test/requests").json()
+    assert any(r["path"] == "/v1/embeddings" for r in records)
