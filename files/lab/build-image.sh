@@ -58,10 +58,16 @@ for unit in systemd-udevd.service systemd-udevd-control.socket systemd-udevd-ker
   ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 echo "llm-lab" >"$root/etc/hostname"
-rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+# Package lists of the sources above, as a host fresh from an installer has them
+# (an empty list directory would look fresh to apt's cache_valid_time).
+chroot "$root" apt-get update -qq
+rm -rf "$root"/var/cache/apt/archives/*.deb
 
 tar -C "$root" -c . | docker import \
   -c 'CMD ["/lib/systemd/systemd"]' -c 'ENV container=docker' \
   - "$image" >/dev/null
 docker tag "$image" "llm-lab/debian:${suite}"
+# Images of earlier recipes are dead weight now.
+docker images --format '{{.Repository}}:{{.Tag}}' "llm-lab/debian" |
+  grep "^llm-lab/debian:${suite}-" | grep -vx "$image" | xargs -r docker rmi >/dev/null || true
 echo "built $image"

@@ -1,0 +1,56 @@
+"""The gateway host: nginx with njs from Debian's packages, its files, sockets and logs."""
+
+from __future__ import annotations
+
+import json
+
+testinfra_hosts = ["llm_gateways"]
+
+
+def test_nginx_and_njs_come_from_the_distribution(host):
+    assert host.package("nginx").is_installed
+    assert host.package("libnginx-mod-http-js").is_installed
+    assert host.file("/usr/lib/nginx/modules/ngx_http_js_module.so").exists
+
+
+def test_nginx_runs_and_its_configuration_checks(host):
+    nginx = host.service("nginx")
+    assert nginx.is_running and nginx.is_enabled
+    assert host.run("nginx -t").rc == 0
+
+
+def test_gateway_listens_on_http_and_https(host):
+    assert host.socket("tcp://0.0.0.0:80").is_listening
+    assert host.socket("tcp://0.0.0.0:443").is_listening
+
+
+def test_debian_default_site_is_gone(host):
+    assert not host.file("/etc/nginx/sites-enabled/default").exists
+
+
+def test_router_files_are_root_owned_and_not_writable_by_nginx(host):
+    for name in ("router.js", "routes.js", "upstreams.conf", "gateway.conf"):
+        config = host.file(f"/etc/nginx/llm/{name}")
+        assert config.exists, name
+        assert (config.user, config.group, config.mode) == ("root", "root", 0o644), name
+
+
+def test_tls_key_is_readable_by_nginx_only(host):
+    key = host.file("/etc/nginx/llm/tls/gateway.key")
+    assert (key.user, key.group, key.mode) == ("root", "www-data", 0o640)
+
+
+def test_routes_are_derived_from_the_registry(host):
+    routes = host.file("/etc/nginx/llm/routes.js").content_string
+    for model in ("chat-small", "gpt-4o-mini", "chat-large", "embed-small", "text-embedding-3-small"):
+        assert json.dumps(model) in routes, model
+
+
+def test_access_log_is_one_json_object_per_request(host):
+    host.run("curl -s -o /dev/null -H 'X-Request-ID: log-probe-1' http://127.0.0.1/v1/models")
+    lines = host.file("/var/log/nginx/llm-access.log").content_string.strip().splitlines()
+    entry = json.loads(lines[-1])
+    assert entry["request_id"] == "log-probe-1"
+    assert entry["status"] == 200
+    assert {"time", "model", "upstream_addr", "request_time", "bytes_in", "bytes_out", "stream",
+            "api_key_id"} <= entry.keys()

@@ -1,0 +1,654 @@
+"""The gateway's njs router exercised through a real nginx on 127.0.0.1.
+
+The role's own templates (roles/gateway/templates) and router.js are rendered with
+test routes into a temporary prefix, started with this host's nginx and njs module,
+and put in front of the project's test backends (tests/backend/llm_test_backend.py).
+Every check looks at what the client got and, where routing matters, at what the
+backend received.
+
+The rendering and process helpers here are also used by benchmarks/gateway_bench.py.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ROLE = REPO / "roles" / "gateway"
+BACKEND = REPO / "tests" / "backend" / "llm_test_backend.py"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NJS_MODULE = Path(os.environ.get("NJS_MODULE", "/usr/lib/nginx/modules/ngx_http_js_module.so"))
+MIME_TYPES = Path("/etc/nginx/mime.types")
+PARSE_MAX = 16384
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (for a 'down' server and for nginx's listeners)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Until something accepts on 127.0.0.1:port, or fail with the process' exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate one process we started, by its own handle."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def nginx_missing() -> str | None:
+    """Why nginx tests cannot run here, or None."""
+    if not Path(NGINX).exists():
+        return "nginx binary not found (install Debian's nginx package)"
+    if not NJS_MODULE.exists():
+        return f"njs module {NJS_MODULE} not found (install libnginx-mod-http-js)"
+    return None
+
+
+def _template_env() -> Any:
+    """Jinja2 with the few Ansible filters the role's templates use."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(
+        value, indent=indent, sort_keys=sort_keys)
+    env.filters["dirname"] = os.path.dirname
+    return env
+
+
+def role_defaults() -> dict[str, Any]:
+    """defaults/main.yml without the entries that need Ansible's own variables."""
+    import yaml
+
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    return {k: v for k, v in defaults.items() if "{{" not in json.dumps(v)}
+
+
+@dataclass
+class Upstream:
+    """One model's upstream as llm_gateway_upstreams returns it."""
+
+    name: str
+    model: str
+    servers: list[str]
+
+
+def render_gateway(root: Path, routes: dict[str, Any], upstreams: list[Upstream], models: list[str],
+                   **overrides: Any) -> Path:
+    """Render nginx.conf, gateway.conf, upstreams.conf and routes.js as the role does; return nginx.conf.
+
+    Paths that the role points at /etc/nginx and /var/log/nginx go under `root` instead.
+    """
+    conf_dir = root / "llm"
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    values: dict[str, Any] = {
+        **role_defaults(),
+        "ansible_managed": "rendered by tests/unit/test_gateway_router.py",
+        "__gateway_conf_subdir": "llm",
+        "__gateway_nginx_user": getpass.getuser(),
+        "__gateway_nginx_pid": str(root / "logs" / "nginx.pid"),
+        "__gateway_njs_load": f"load_module {NJS_MODULE};",
+        "__gateway_tls_certificate_path": str(conf_dir / "gateway.crt"),
+        "__gateway_tls_key_path": str(conf_dir / "gateway.key"),
+        "__gateway_routes": routes,
+        "__gateway_upstreams": [vars(u) for u in upstreams],
+        "__gateway_models": models,
+        "gateway_access_log": str(root / "logs" / "llm-access.log"),
+        "gateway_error_log": str(root / "logs" / "error.log"),
+        "gateway_include_conf_d": False,
+        "gateway_worker_processes": 1,
+        "gateway_listen_address": "127.0.0.1",
+        **overrides,
+    }
+    env = _template_env()
+    for template, target in (("nginx.conf.j2", root / "nginx.conf"), ("gateway.conf.j2", conf_dir / "gateway.conf"),
+                             ("upstreams.conf.j2", conf_dir / "upstreams.conf"),
+                             ("routes.js.j2", conf_dir / "routes.js")):
+        target.write_text(env.get_template(template).render(values))
+    shutil.copy(ROLE / "files" / "router.js", conf_dir / "router.js")
+    shutil.copy(MIME_TYPES, root / "mime.types")
+    if values["gateway_https_port"] and not (conf_dir / "gateway.key").exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(conf_dir / "gateway.key"),
+                        "-out", str(conf_dir / "gateway.crt")], check=True, capture_output=True)
+    return root / "nginx.conf"
+
+
+def nginx_test(conf: Path) -> subprocess.CompletedProcess[str]:
+    """nginx -t on a rendered configuration."""
+    return subprocess.run([NGINX, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True)
+
+
+def start_nginx(conf: Path, port: int) -> subprocess.Popen[bytes]:
+    """nginx in the foreground (our child, so we stop exactly it), once it listens on `port`."""
+    check = nginx_test(conf)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
+    proc = subprocess.Popen([NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"],
+                            stderr=subprocess.PIPE)
+    wait_for_port(port, proc)
+    return proc
+
+
+@dataclass
+class Backend:
+    """A test backend process on 127.0.0.1."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    models: list[str]
+
+    @property
+    def address(self) -> str:
+        """host:port as an upstream server line names it."""
+        return f"127.0.0.1:{self.port}"
+
+    def control(self, method: str, path: str, body: Any = None) -> Any:
+        """The backend's /_test API, directly (not through the gateway)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request(method, path, body=None if body is None else json.dumps(body))
+        data = conn.getresponse().read()
+        conn.close()
+        return json.loads(data)
+
+    def requests(self) -> list[dict[str, Any]]:
+        """What this backend received since the last clear()."""
+        return list(self.control("GET", "/_test/requests"))
+
+    def clear(self) -> None:
+        """Forget received requests and any injected fault."""
+        self.control("DELETE", "/_test/requests")
+        self.control("POST", "/_test/behaviour", {"mode": "ok"})
+
+
+def start_backend(models: list[str], api_prefix: str = "/v1") -> Backend:
+    """A test backend on a free port; the port is read from its start-up line."""
+    proc = subprocess.Popen([sys.executable, str(BACKEND), "--host", "127.0.0.1", "--port", "0",
+                             "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2"],
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode()
+    match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+    if not match:
+        stop(proc)
+        raise RuntimeError(f"test backend did not start: {line!r}")
+    return Backend(proc, int(match.group(1)), models)
+
+
+def route(model: str, upstream: str, prefix: str, endpoints: list[str], aliases: list[str],
+          engine: str = "command") -> dict[str, Any]:
+    """One route as llm_gateway_routes returns it."""
+    return {"id": model, "upstream": upstream, "prefix": prefix, "endpoints": endpoints, "engine": engine,
+            "aliases": aliases}
+
+
+def routes_for(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every name and alias -> its route, the shape router.js imports."""
+    return {name: entry for entry in entries for name in [entry["id"], *entry["aliases"]]}
+
+
+# ---------------------------------------------------------------- the test gateway
+
+
+@dataclass
+class Reply:
+    """A response read to its end."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+@dataclass
+class Gateway:
+    """A rendered and running gateway with its backends."""
+
+    root: Path
+    http_port: int
+    https_port: int
+    backends: dict[str, Backend]
+    down_ports: list[int]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                headers: dict[str, str] | None = None, tls: bool = False, timeout: float = 30) -> Reply:
+        """One request on a new connection; `body` is sent as JSON, `raw` as is."""
+        conn = self.connect(tls, timeout)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        reply = Reply(resp.status, resp.headers, resp.read())
+        conn.close()
+        return reply
+
+    def connect(self, tls: bool = False, timeout: float = 30) -> http.client.HTTPConnection:
+        """A connection to the plain or the TLS listener."""
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return http.client.HTTPSConnection("127.0.0.1", self.https_port, timeout=timeout, context=context)
+        return http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """The JSON access log, one object per request."""
+        path = self.root / "logs" / "llm-access.log"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Four backends behind a gateway rendered from the role with test routes."""
+    reason = nginx_missing()
+    if reason:
+        pytest.skip(reason)
+    backends = {
+        "small-a": start_backend(["chat-small", "gpt-4o-mini"]),
+        "small-b": start_backend(["chat-small", "gpt-4o-mini"]),
+        "large": start_backend(["chat-large"]),
+        "embed": start_backend(["embed-small", "text-embedding-3-small"], api_prefix=""),
+    }
+    down_ports = [free_port(), free_port()]
+    entries = [
+        route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], ["gpt-4o-mini"]),
+        route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], []),
+        route("embed-small", "llm_embed_small", "", ["embeddings", "rerank"], ["text-embedding-3-small"]),
+        route("down-model", "llm_down_model", "/v1", ["chat"], []),
+    ]
+    upstreams = [
+        Upstream("llm_chat_large", "chat-large", [backends["large"].address]),
+        Upstream("llm_chat_small", "chat-small", [backends["small-a"].address, backends["small-b"].address]),
+        Upstream("llm_down_model", "down-model", [f"127.0.0.1:{p}" for p in down_ports]),
+        Upstream("llm_embed_small", "embed-small", [backends["embed"].address]),
+    ]
+    root = tmp_path_factory.mktemp("gateway")
+    http_port, https_port = free_port(), free_port()
+    conf = render_gateway(root, routes_for(entries), upstreams, [e["id"] for e in entries],
+                          gateway_http_port=http_port, gateway_https_port=https_port,
+                          gateway_proxy_read_timeout="3s", gateway_router_parse_max_bytes=PARSE_MAX)
+    gw = Gateway(root, http_port, https_port, backends, down_ports)
+    try:
+        gw.procs.append(start_nginx(conf, http_port))
+        yield gw
+    finally:
+        for proc in gw.procs:
+            stop(proc)
+        for backend in backends.values():
+            stop(backend.proc)
+
+
+@pytest.fixture(autouse=True)
+def clean_backends(request: pytest.FixtureRequest) -> None:
+    """Each test starts with empty request logs and no injected faults."""
+    if "gateway" in request.fixturenames:
+        for backend in request.getfixturevalue("gateway").backends.values():
+            backend.clear()
+
+
+def chat(model: Any, **extra: Any) -> dict[str, Any]:
+    """A chat completion request body."""
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def assert_error(reply: Reply, status: int, code: str | None = None) -> dict[str, Any]:
+    """An OpenAI-shaped JSON error with the given status (and code)."""
+    assert reply.status == status, reply.body
+    assert reply.headers["Content-Type"].startswith("application/json"), reply.headers
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return dict(error)
+
+
+def served_by(gw: Gateway) -> dict[str, list[dict[str, Any]]]:
+    """Backend name -> the requests it received."""
+    return {name: backend.requests() for name, backend in gw.backends.items()}
+
+
+# ---------------------------------------------------------------- routing
+
+
+def test_nginx_t_accepts_rendered_config(gateway: Gateway) -> None:
+    assert nginx_test(gateway.root / "nginx.conf").returncode == 0
+
+
+@pytest.mark.parametrize(("model", "backend_model"), [
+    ("chat-small", "chat-small"), ("gpt-4o-mini", "chat-small"), ("chat-large", "chat-large"),
+])
+def test_routes_by_model_and_alias(gateway: Gateway, model: str, backend_model: str) -> None:
+    reply = gateway.request("POST", "/v1/chat/completions", chat(model))
+    assert reply.status == 200, reply.body
+    assert reply.headers["X-Backend-Model"] == backend_model
+    assert reply.json()["backend"]["path"] == "/v1/chat/completions"
+
+
+def test_embeddings_path_mapped_to_backend_prefix(gateway: Gateway) -> None:
+    reply = gateway.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"})
+    assert reply.status == 200, reply.body
+    got = gateway.backends["embed"].requests()
+    assert [(r["path"], r["model"]) for r in got] == [("/embeddings", "text-embedding-3-small")]
+    reply = gateway.request("POST", "/v1/rerank", {"model": "embed-small", "query": "q", "documents": ["a", "b"]})
+    assert reply.status == 200, reply.body
+    assert gateway.backends["embed"].requests()[-1]["path"] == "/rerank"
+
+
+def test_completions_path(gateway: Gateway) -> None:
+    reply = gateway.request("POST", "/v1/completions", {"model": "chat-large", "prompt": "hi"})
+    assert reply.status == 200, reply.body
+    assert gateway.backends["large"].requests()[-1]["path"] == "/v1/completions"
+
+
+def test_both_servers_of_a_model_are_used(gateway: Gateway) -> None:
+    for _ in range(20):
+        assert gateway.request("POST", "/v1/chat/completions", chat("chat-small")).status == 200
+    got = served_by(gateway)
+    assert len(got["small-a"]) > 0 and len(got["small-b"]) > 0
+    assert len(got["small-a"]) + len(got["small-b"]) == 20
+
+
+def test_one_megabyte_body_arrives_byte_for_byte(gateway: Gateway) -> None:
+    raw = json.dumps({"messages": [{"role": "user", "content": "é lorem ipsum " * 80_000}],
+                      "tools": [{"model": "chat-large"}], "model": "chat-small"}).encode()
+    assert len(raw) > 1_000_000
+    reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
+    assert reply.status == 200, reply.body[:300]
+    got = served_by(gateway)
+    received = got["small-a"] + got["small-b"]
+    assert [r["body_sha256"] for r in received] == [hashlib.sha256(raw).hexdigest()]
+    assert got["large"] == []
+
+
+# ---------------------------------------------------------------- the top-level "model" scanner
+
+PAD = "p" * (PARSE_MAX + 100)
+
+# (body text with {pad} where a big top-level string may go, expected backend model or error code)
+TRICKY_BODIES = [
+    ('{"tools":[{"model":"chat-large"}],{pad}"model":"chat-small"}', "chat-small"),
+    ('{"tools":[{"type":"function","function":{"parameters":{"properties":{"model":{"type":"string"}}}}}],'
+     '{pad}"model":"chat-small"}', "chat-small"),
+    ('{"messages":[{"role":"user","content":"say \\"model\\": \\"chat-large\\""}],{pad}"model":"chat-small"}',
+     "chat-small"),
+    ('{"x":"\\\\","y":"\\\\\\"model\\\\\\":","z":"\\"}",{pad}"model":"chat-small"}', "chat-small"),
+    ('{"messages":[{"content":"ünïcødé ✓ 中文 {\\"model\\":\\"chat-large\\"}"}],{pad}"model":"chat-small"}',
+     "chat-small"),
+    ('  \n\t{ {pad}  "model"  :\n  "chat-large" \n, "messages": [] }\r\n', "chat-large"),
+    ('{{pad}"model":"chat-l\\u0061rge","messages":[{"model":"chat-small"}]}', "chat-large"),
+    ('{{pad}"mod\\u0065l":"chat-large"}', "chat-large"),
+    ('{{pad}"model":"chat-small","messages":[],"model":"chat-large"}', "chat-large"),
+    ('{{pad}"model":"chat-small","messages":[{"model":"x"}],"mod\\u0065l":"chat-large"}', "chat-large"),
+    ('{{pad}"models":"chat-large","model_":"x","model":"chat-small"}', "chat-small"),
+    ('{{pad}"a":{"b":[1,2,{"c":"]}"}],"d":null},"model":"chat-small"}', "chat-small"),
+    ('{{pad}"model":7}', "invalid_body"),
+    ('{{pad}"model":null}', "invalid_body"),
+    ('{{pad}"model":["chat-small"]}', "invalid_body"),
+    ('{{pad}"messages":[{"model":"chat-small"}]}', "missing_model"),
+    ('{{pad}"model":""}', "missing_model"),
+    ('[{{pad}"model":"chat-small"}]', "invalid_body"),
+    ('"{pad}"', "invalid_body"),
+    ('{{pad}"messages":["unterminated],"model":"chat-small"}', "invalid_body"),
+    ('{{pad}"messages":[{"a":1}},"model":"chat-small"}', "invalid_body"),
+    ('{{pad}"messages":[[[{}]],"model":"chat-small"', "invalid_body"),
+    ('{{pad}"model":"chat-small"', "invalid_body"),
+    ('{{pad}"messages":[],"model":"chat-small"} {"model":"chat-large"}', "invalid_body"),
+    ('{{pad}"model":"no-such-model"}', "model_not_found"),
+    ('{{pad}"model":"constructor"}', "model_not_found"),
+    ('{{pad}"model":"__proto__"}', "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("size", ["parsed", "scanned"])
+@pytest.mark.parametrize(("template", "expected"), TRICKY_BODIES)
+def test_top_level_model(gateway: Gateway, template: str, expected: str, size: str) -> None:
+    pad = f'"pad":"{PAD}",' if size == "scanned" else ""
+    text = template.replace("{pad}", pad)
+    if template.startswith('"{pad}"'):
+        text = json.dumps(PAD if size == "scanned" else "x")
+    raw = text.encode()
+    assert (len(raw) > PARSE_MAX) == (size == "scanned")
+    reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
+    if expected in ("chat-small", "chat-large"):
+        # The backend may refuse these odd bodies itself; what matters is where they went, unchanged.
+        received = [(gateway.backends[name].models[0], r["body_sha256"])
+                    for name, rs in served_by(gateway).items() for r in rs]
+        assert received == [(expected, hashlib.sha256(raw).hexdigest())], reply.body
+    else:
+        assert_error(reply, 404 if expected == "model_not_found" else 400, expected)
+        assert all(not rs for rs in served_by(gateway).values())
+
+
+def test_dense_large_body_falls_back_to_full_parse(gateway: Gateway) -> None:
+    """Past the scanner's token budget the router parses the whole body; the answer is the same."""
+    body = {"messages": [{"role": "user", "content": f"w{i}", "model": "chat-large"} for i in range(3000)],
+            "model": "gpt-4o-mini"}
+    reply = gateway.request("POST", "/v1/chat/completions", body)
+    assert reply.status == 200, reply.body[:300]
+    assert reply.headers["X-Backend-Model"] == "chat-small"
+    broken = json.dumps(body)[:-1] + ",}"
+    assert_error(gateway.request("POST", "/v1/chat/completions", raw=broken.encode()), 400, "invalid_body")
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [
+    (b"", 400, "invalid_body"),
+    (b"not json", 400, "invalid_body"),
+    (b'{"model": "chat-small",', 400, "invalid_body"),
+    (b"[]", 400, "invalid_body"),
+    (b'{"messages": []}', 400, "missing_model"),
+    (b'{"model": "nope"}', 404, "model_not_found"),
+])
+def test_bad_requests_are_json_errors(gateway: Gateway, raw: bytes, status: int, code: str) -> None:
+    assert_error(gateway.request("POST", "/v1/chat/completions", raw=raw), status, code)
+
+
+def test_model_on_wrong_endpoint(gateway: Gateway) -> None:
+    error = assert_error(gateway.request("POST", "/v1/embeddings", {"model": "chat-small", "input": "x"}), 400,
+                         "unsupported_endpoint")
+    assert "/v1/chat/completions" in error["message"]
+    assert_error(gateway.request("POST", "/v1/chat/completions", chat("embed-small")), 400, "unsupported_endpoint")
+
+
+def test_body_over_limit_is_413_json(gateway: Gateway) -> None:
+    raw = b'{"model":"chat-small","x":"' + b"a" * (16 * 1024 * 1024) + b'"}'
+    error = assert_error(gateway.request("POST", "/v1/chat/completions", raw=raw), 413, "request_too_large")
+    assert "16m" in error["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/v1/chat/completions", 405),
+    ("PUT", "/v1/embeddings", 405),
+    ("POST", "/v1/models", 405),
+    ("GET", "/v1/nothing", 404),
+    ("GET", "/", 404),
+    ("POST", "/v1/chat/completions/x", 404),
+])
+def test_no_html_error_pages(gateway: Gateway, method: str, path: str, status: int) -> None:
+    reply = gateway.request(method, path, body=chat("chat-small") if method != "GET" else None)
+    assert_error(reply, status)
+    assert b"<html" not in reply.body
+
+
+def test_all_servers_down_is_503_json_with_retry_after(gateway: Gateway) -> None:
+    reply = gateway.request("POST", "/v1/chat/completions", chat("down-model"))
+    error = assert_error(reply, 503, "model_unavailable")
+    assert "down-model" in error["message"]
+    assert reply.headers["Retry-After"] == "5"
+
+
+def test_upstream_timeout_is_504_json(gateway: Gateway) -> None:
+    gateway.backends["large"].control("POST", "/_test/behaviour", {"mode": "hang"})
+    try:
+        assert_error(gateway.request("POST", "/v1/chat/completions", chat("chat-large")), 504, "upstream_timeout")
+    finally:
+        gateway.backends["large"].control("POST", "/_test/behaviour", {"mode": "ok"})
+    # Once: a request that reached a backend is not repeated on another one.
+    assert len(gateway.backends["large"].requests()) == 1
+
+
+def test_backend_error_bodies_pass_through(gateway: Gateway) -> None:
+    gateway.backends["large"].control("POST", "/_test/behaviour", {"mode": "fail", "status": 503})
+    reply = gateway.request("POST", "/v1/chat/completions", chat("chat-large"))
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "injected_failure"
+
+
+def test_one_server_down_retries_to_the_other(gateway: Gateway, tmp_path: Path) -> None:
+    """Connection refused on one server of a model: every request still succeeds."""
+    spare = start_backend(["chat-large"])
+    dead = free_port()
+    conf = render_gateway(tmp_path, routes_for([route("chat-large", "llm_chat_large", "/v1", ["chat"], [])]),
+                          [Upstream("llm_chat_large", "chat-large", [f"127.0.0.1:{dead}", spare.address])],
+                          ["chat-large"], gateway_http_port=(port := free_port()), gateway_https_port=0,
+                          gateway_upstream_balance="round_robin", gateway_upstream_fail_timeout="1s")
+    proc = start_nginx(conf, port)
+    try:
+        failures = 0
+        for _ in range(200):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("chat-large")))
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            failures += resp.status != 200
+        assert failures == 0
+        assert len(spare.requests()) == 200
+    finally:
+        stop(proc)
+        stop(spare.proc)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_stream_events_arrive_as_sent(gateway: Gateway, tls: bool) -> None:
+    conn = gateway.connect(tls)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("chat-small", stream=True, max_tokens=6)),
+                 headers={"Content-Type": "application/json", "X-Test-Stream-Interval": "0.3"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    start, arrivals, buffer = time.monotonic(), [], b""
+    while True:
+        chunk = resp.read1(65536)
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            arrivals.append((time.monotonic() - start, event))
+    conn.close()
+    assert arrivals[-1][1] == b"data: [DONE]"
+    content_times = [t for t, e in arrivals if b'"content"' in e]
+    assert len(content_times) >= 4
+    # Paced 0.3 s apart at the backend: buffering would deliver them all together at the end.
+    # (The backend sends its first two content events together, like vLLM's role and first token.)
+    gaps = [b - a for a, b in zip(content_times[1:], content_times[2:])]
+    assert min(gaps) > 0.15, gaps
+    assert content_times[0] < content_times[-1] - 0.6
+
+
+# ---------------------------------------------------------------- models, health, readiness
+
+
+def test_models_list_is_the_canonical_registry(gateway: Gateway) -> None:
+    reply = gateway.request("GET", "/v1/models")
+    assert reply.status == 200
+    body = reply.json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["chat-small", "chat-large", "embed-small", "down-model"]
+    for entry in body["data"]:
+        assert entry["object"] == "model" and isinstance(entry["created"], int) and entry["owned_by"]
+
+
+def test_model_lookup_by_alias_and_unknown(gateway: Gateway) -> None:
+    assert gateway.request("GET", "/v1/models/gpt-4o-mini").json()["id"] == "chat-small"
+    assert gateway.request("GET", "/v1/models/embed-small").json()["id"] == "embed-small"
+    assert_error(gateway.request("GET", "/v1/models/nope"), 404, "model_not_found")
+
+
+def test_health_and_readiness(gateway: Gateway) -> None:
+    assert gateway.request("GET", "/health").status == 200
+    reply = gateway.request("GET", "/ready")
+    assert reply.status == 503  # down-model has no live server
+    body = reply.json()
+    live = {u["model"]: u["live"] for u in body["upstreams"]}
+    assert live == {"chat-large": 1, "chat-small": 2, "down-model": 0, "embed-small": 1}
+    down = next(u for u in body["upstreams"] if u["model"] == "down-model")
+    assert {s["address"] for s in down["servers"]} == {f"127.0.0.1:{p}" for p in gateway.down_ports}
+
+
+# ---------------------------------------------------------------- request ids and the access log
+
+
+def test_request_id_kept_or_made_and_logged(gateway: Gateway) -> None:
+    reply = gateway.request("POST", "/v1/chat/completions", chat("chat-large"), headers={"X-Request-ID": "abc-123"})
+    assert reply.headers["X-Request-ID"] == "abc-123"
+    assert gateway.backends["large"].requests()[-1]["request_id"] == "abc-123"
+    reply = gateway.request("POST", "/v1/chat/completions", chat("chat-large"),
+                            headers={"X-Request-ID": "bad id\" with junk"})
+    made = reply.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert gateway.backends["large"].requests()[-1]["request_id"] == made
+    assert re.fullmatch(r"[0-9a-f]{32}", gateway.request("GET", "/v1/nothing").headers["X-Request-ID"])
+
+
+def test_access_log_is_json_per_request(gateway: Gateway) -> None:
+    gateway.request("POST", "/v1/chat/completions", chat("gpt-4o-mini", stream=True),
+                    headers={"X-Request-ID": "log-stream-1"})
+    gateway.request("POST", "/v1/chat/completions", chat("nope"), headers={"X-Request-ID": "log-404-1"})
+    time.sleep(0.2)
+    entries = {e["request_id"]: e for e in gateway.access_log()}
+    streamed = entries["log-stream-1"]
+    assert streamed["model"] == "chat-small" and streamed["model_requested"] == "gpt-4o-mini"
+    assert streamed["stream"] is True and streamed["status"] == 200
+    assert streamed["upstream"] == "llm_chat_small"
+    assert streamed["upstream_addr"] in {b.address for b in gateway.backends.values()}
+    assert streamed["api_key_id"] == "" and streamed["bytes_in"] > 0 and streamed["bytes_out"] > 0
+    assert entries["log-404-1"]["status"] == 404 and entries["log-404-1"]["stream"] is False
