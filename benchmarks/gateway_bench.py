@@ -78,8 +78,8 @@ def body_of_size(size: int) -> bytes:
     return json.dumps(body).encode()
 
 
-def backend_conf(root: Path, port: int, decoy_port: int) -> Path:
-    """The fixed-answer backend and the decoy, one nginx worker."""
+def write_nginx_conf(root: Path, http_block: str) -> Path:
+    """A one-worker nginx.conf under `root` around the given http{} contents."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     conf = root / "nginx.conf"
@@ -89,6 +89,15 @@ pid {root}/logs/nginx.pid;
 error_log {root}/logs/error.log;
 events {{ worker_connections 4096; }}
 http {{
+{http_block}
+}}
+""")
+    return conf
+
+
+def backend_conf(root: Path, port: int, decoy_port: int) -> Path:
+    """The fixed-answer backend and the decoy."""
+    return write_nginx_conf(root, f"""
     access_log off;
     client_max_body_size {MAX_BODY};
     server {{
@@ -98,23 +107,12 @@ http {{
     server {{
         listen 127.0.0.1:{decoy_port};
         location / {{ return 409 '{{"error":"the decoy was routed"}}'; }}
-    }}
-}}
-""")
-    return conf
+    }}""")
 
 
 def plain_conf(root: Path, port: int, backend_port: int) -> Path:
     """nginx proxy_pass with the gateway's proxy settings but no routing."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
-    conf = root / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-pid {root}/logs/nginx.pid;
-error_log {root}/logs/error.log;
-events {{ worker_connections 4096; }}
-http {{
+    return write_nginx_conf(root, f"""
     access_log {root}/logs/access.log;
     upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 32; keepalive_timeout 4s; }}
     server {{
@@ -127,10 +125,7 @@ http {{
             proxy_set_header Connection "";
             proxy_buffering off;
         }}
-    }}
-}}
-""")
-    return conf
+    }}""")
 
 
 @dataclass

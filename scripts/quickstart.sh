@@ -16,9 +16,9 @@ ansible-playbook playbooks/lab_fixtures.yml
 echo; echo "== ansible-playbook site.yml"
 ansible-playbook site.yml
 
-request=(curl -sS http://127.0.0.1:8080/v1/chat/completions
-  -H 'Content-Type: application/json'
-  -d '{"model": "chat-small", "messages": [{"role": "user", "content": "Hello"}]}')
+# Printed as a user would type it, then run exactly so.
+request="curl -sS http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+  -d '{\"model\": \"chat-small\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"
 echo; echo "== a request through the gateway, to copy:"
-printf '%q ' "${request[@]}"; echo
-"${request[@]}"; echo
+echo "$request"
+eval "$request"; echo

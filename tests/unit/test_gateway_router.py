@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from http_reply import Reply
+
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles" / "gateway"
 BACKEND = REPO / "tests" / "backend" / "llm_test_backend.py"
@@ -226,19 +228,6 @@ def routes_for(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the test gateway
-
-
-@dataclass
-class Reply:
-    """A response read to its end."""
-
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        """The body as JSON."""
-        return json.loads(self.body)
 
 
 @dataclass

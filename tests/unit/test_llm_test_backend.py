@@ -27,21 +27,10 @@ from typing import Any
 
 import pytest
 
+from http_reply import Reply
+
 BACKEND = Path(__file__).resolve().parents[2] / "tests" / "backend" / "llm_test_backend.py"
 PYTHON = os.environ.get("LLM_TEST_BACKEND_PYTHON", sys.executable)
-
-
-@dataclass
-class Reply:
-    """A response read to the end."""
-
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        """The body as JSON."""
-        return json.loads(self.body)
 
 
 @dataclass
