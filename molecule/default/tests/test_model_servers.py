@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 testinfra_hosts = ["llm_gpu_hosts"]
 
 
@@ -37,8 +35,8 @@ def test_every_assigned_model_runs_as_its_own_unit(host, inventory):
         assert "User=llm" in props and "NoNewPrivileges=yes" in props and "Restart=on-failure" in props
 
 
-def test_models_listen_on_the_private_address_only(host, inventory):
-    address = host.check_output("hostname -I").split()[0]
+def test_models_listen_on_the_private_address_only(host, inventory, address_of):
+    address = address_of(host.backend.get_hostname())
     for model in _assigned_models(host, inventory):
         assert host.socket(f"tcp://{address}:{model['port']}").is_listening
         assert not host.socket(f"tcp://0.0.0.0:{model['port']}").is_listening
@@ -50,9 +48,8 @@ def test_unassigned_models_do_not_run(host, inventory):
     assert set(units.split()) == assigned
 
 
-@pytest.mark.parametrize("path", ["/health"])
-def test_model_answers_health_on_its_port(host, inventory, path):
-    address = host.check_output("hostname -I").split()[0]
+def test_model_answers_health_on_its_port(host, inventory, address_of):
+    address = address_of(host.backend.get_hostname())
     for model in _assigned_models(host, inventory):
-        code = host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' http://{address}:{model['port']}{path}")
-        assert code == "200", f"{model['name']}: {path} answered {code}"
+        code = host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' http://{address}:{model['port']}/health")
+        assert code == "200", f"{model['name']}: /health answered {code}"
