@@ -80,6 +80,7 @@ def test_normalize_fills_defaults_for_vllm() -> None:
         "command": None,
         "source": "Qwen/Qwen2.5-7B",
         "runtime": "systemd",
+        "image": None,
         "version": None,
         "args": [],
         "env": {},
@@ -98,7 +99,7 @@ def test_normalize_fills_defaults_for_infinity() -> None:
 
 def test_normalize_command_defaults_to_v1_prefix_and_keeps_explicit_values() -> None:
     [model] = reg.llm_registry_normalize(
-        [chat(runtime="docker", version="0.10", args=["--max-model-len", 4096, 0.9], env={"A": "x", "N": 4},
+        [chat(runtime="docker", image="srv:1", version="0.10", args=["--max-model-len", 4096, 0.9], env={"A": "x", "N": 4},
               gpus=[1, 0], endpoints=["completions", "chat"])],
         GROUPS,
     )
@@ -209,12 +210,25 @@ BAD_FIELDS = [
      "model 'chat-small': field 'command': is required for engine 'command'"),
     ({k: v for k, v in chat().items() if k != "endpoints"},
      "model 'chat-small': field 'endpoints': is required for engine 'command'"),
+    (chat(runtime="docker"),
+     "model 'chat-small': field 'image': is required for engine 'command' with runtime 'docker'"),
+    (vllm(image="vllm/vllm-openai:v0.33.0"), "model 'qwen': field 'image': is only valid with runtime 'docker'"),
+    (vllm(runtime="docker", image="Vllm/Upper:1"), "model 'qwen': field 'image': must be a docker image reference"),
+    (vllm(runtime="docker", image="a b:1"), "model 'qwen': field 'image': must be a docker image reference"),
+    (vllm(runtime="docker", image=1), "model 'qwen': field 'image': must be a non-empty string"),
 ]
 
 
 @pytest.mark.parametrize(("entry", "expected"), BAD_FIELDS, ids=[e for _, e in BAD_FIELDS])
 def test_bad_field_is_reported_with_model_and_field(entry: dict[str, Any], expected: str) -> None:
     assert expected in errors_of([entry])
+
+
+@pytest.mark.parametrize("image", ["srv:1", "registry.lan:5000/team/vllm-openai:v0.33.0-cu128",
+                                   "llm-lab/test-backend@sha256:" + "a" * 64, "michaelf34/infinity"])
+def test_image_references_accepted(image: str) -> None:
+    [model] = reg.llm_registry_normalize([chat(runtime="docker", image=image)], GROUPS)
+    assert model["image"] == image
 
 
 @pytest.mark.parametrize("field", ["name", "engine", "hosts", "port"])

@@ -289,7 +289,9 @@ def test_vllm_container_spec() -> None:
     assert plan["published_ports"] == [f"{BIND}:8001:8001"], "published on the bind address only"
     assert plan["device_requests"] == [{"driver": "nvidia", "device_ids": ["0", "1"], "capabilities": [["gpu"]]}]
     assert plan["volumes"] == ["/var/lib/llm/huggingface:/var/lib/llm/huggingface"]
-    assert plan["env"] == {"HF_HOME": "/var/lib/llm/huggingface", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    assert plan["env"] == {"LLM_MODEL_NAME": "qwen-chat", "LLM_SERVED_NAMES": "qwen-chat gpt-4o-mini",
+                           "LLM_MODEL_PORT": "8001", "LLM_BIND_ADDRESS": "0.0.0.0",
+                           "HF_HOME": "/var/lib/llm/huggingface", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     assert "CUDA_VISIBLE_DEVICES" not in plan["env"], "docker picks the GPUs; inside they are renumbered from 0"
     assert plan["venv"] is None
 
@@ -313,6 +315,35 @@ def test_image_setting_is_a_template_of_the_version() -> None:
     plan = plan_of({**VLLM, "runtime": "docker"}, images={"vllm": "registry.lan/vllm:v{version}-cu128",
                                                           "infinity": "x"})
     assert plan["image"] == "registry.lan/vllm:v0.33.0-cu128"
+
+
+def test_registry_image_overrides_the_engine_image() -> None:
+    plan = plan_of({**INFINITY, "runtime": "docker", "image": "registry.lan/infinity:0.0.78-cpu"})
+    assert plan["image"] == "registry.lan/infinity:0.0.78-cpu"
+
+
+def test_command_container_runs_the_command_words_expanded_like_systemd() -> None:
+    plan = plan_of({**COMMAND, "runtime": "docker", "image": "llm-lab/test-backend:1", "args": ["--delay", 0.5]})
+    assert plan["image"] == "llm-lab/test-backend:1"
+    assert plan["entrypoint"] == ["/usr/bin/python3"]
+    # ${X} stays one word, a lone $X word splits: chat-small and its alias are two words.
+    assert plan["command"] == ["/opt/llm-test-backend/llm_test_backend.py", "--host", "0.0.0.0", "--port", "8101",
+                               "--model", "chat-small", "gpt-4o-mini", "--delay", "0.5"]
+    assert plan["env"]["LLM_BIND_ADDRESS"] == "0.0.0.0", "the container listens inside; docker publishes"
+    assert plan["published_ports"] == [f"{BIND}:8101:8101"]
+    assert plan["volumes"] == []
+    assert "HF_HOME" not in plan["env"], "a command of the user's own gets no engine environment"
+
+
+def test_command_container_keeps_other_dollars_and_quotes() -> None:
+    command = "/srv/run --name=${LLM_MODEL_NAME}-x --text 'a b' --raw $HOME ${OTHER}"
+    plan = plan_of({**COMMAND, "runtime": "docker", "image": "srv:1", "command": command})
+    assert plan["command"] == ["--name=chat-small-x", "--text", "a b", "--raw", "$HOME", "${OTHER}"]
+
+
+def test_command_container_with_unbalanced_quotes_names_the_model() -> None:
+    with pytest.raises(AnsibleFilterError, match="model 'chat-small': field 'command'"):
+        plan_of({**COMMAND, "runtime": "docker", "image": "srv:1", "command": "/srv/run 'open"})
 
 
 # --- readiness probe and downloads -----------------------------------------------------------

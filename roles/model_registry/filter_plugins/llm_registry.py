@@ -28,6 +28,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 # Path segments only: the prefix is pasted into nginx config and URLs verbatim.
 API_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
+# [registry[:port]/]path[:tag][@digest], lower-case path as docker requires.
+IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 ENGINES = ("vllm", "infinity", "command")
@@ -43,7 +45,7 @@ PORT_MIN, PORT_MAX = 1024, 65535
 KNOWN_FIELDS = frozenset(
     {
         "name", "aliases", "engine", "endpoints", "hosts", "port", "api_prefix",
-        "command", "source", "runtime", "version", "args", "env", "gpus",
+        "command", "source", "runtime", "image", "version", "args", "env", "gpus",
     }
 )
 
@@ -146,6 +148,14 @@ def _check_source(value: Any) -> str:
     if isinstance(value, str) and (value.startswith("/") or HF_REPO_RE.match(value)):
         return str(value)
     raise _FieldError(f"must be a Hugging Face repo id (org/name) or an absolute path, got {_describe(value)}")
+
+
+def _check_image(value: Any) -> str:
+    """A docker image reference such as registry.local/team/server:1.2 (tag or digest)."""
+    text = _check_text(value)
+    if not IMAGE_RE.match(text):
+        raise _FieldError(f"must be a docker image reference like 'name:tag', got {text!r}")
+    return text
 
 
 def _scalar_to_str(value: Any) -> str:
@@ -284,6 +294,14 @@ def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: li
     elif engine and "command" in raw:
         entry.fail("command", f"is only valid with engine 'command', not '{engine}'")
     model.setdefault("command", None)
+    # A container needs an image: the engines have official ones, a command of the user's own does not.
+    if "image" in raw:
+        model["image"] = entry.check("image", raw["image"], _check_image)
+        if model["runtime"] != "docker":
+            entry.fail("image", f"is only valid with runtime 'docker', not '{model['runtime']}'")
+    elif engine == "command" and model["runtime"] == "docker":
+        entry.fail("image", "is required for engine 'command' with runtime 'docker' (the image the command runs in)")
+    model.setdefault("image", None)
     if "source" in raw:
         model["source"] = entry.check("source", raw["source"], _check_source)
     elif engine in ENGINES_NEEDING_SOURCE:

@@ -16,6 +16,7 @@ Filters:
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,6 +31,9 @@ SYSTEMD_UNSAFE = re.compile(r"[\s\"'\\;]")
 # Inside a container the engine listens on every interface of its own network
 # namespace; docker publishes the port on the bind address only.
 CONTAINER_BIND = "0.0.0.0"
+# The variables systemd expands in a command model's ExecStart: ${NAME} and a lone $NAME word.
+BRACED_VARIABLE = re.compile(r"\$\{(LLM_[A-Z_]+)\}")
+LONE_VARIABLE = re.compile(r"\$(LLM_[A-Z_]+)")
 TENSOR_PARALLEL_FLAGS = ("--tensor-parallel-size", "-tp")
 PROBE_TEXT = "ping"
 
@@ -97,6 +101,38 @@ def engine_argv(model: Mapping[str, Any], host: str) -> list[str]:
     raise AnsibleFilterError(f"model_server: model '{model['name']}': engine '{engine}' has no argv")
 
 
+def service_variables(model: Mapping[str, Any], bind_address: str) -> list[list[str]]:
+    """What every model's process is told about itself, under both runtimes (LLM_*)."""
+    return [
+        ["LLM_MODEL_NAME", model["name"]],
+        ["LLM_SERVED_NAMES", " ".join(model["served_names"])],
+        ["LLM_MODEL_PORT", str(model["port"])],
+        ["LLM_BIND_ADDRESS", bind_address],
+    ]
+
+
+def command_argv(model: Mapping[str, Any], bind_address: str) -> list[str]:
+    """The registry's command as the argv of a container, expanded the way systemd would.
+
+    Docker runs the words without a shell, so the role does what systemd does in ExecStart:
+    `${LLM_X}` becomes one word, a lone `$LLM_X` word splits at whitespace. Other `$` stay as
+    they are; registry args are appended, one word each.
+    """
+    variables = dict(service_variables(model, bind_address))
+    try:
+        words = shlex.split(model["command"])
+    except ValueError as error:
+        raise AnsibleFilterError(f"model_server: model '{model['name']}': field 'command': {error}") from error
+    argv: list[str] = []
+    for word in words:
+        whole = LONE_VARIABLE.fullmatch(word)
+        if whole and whole.group(1) in variables:
+            argv += variables[whole.group(1)].split()
+            continue
+        argv.append(BRACED_VARIABLE.sub(lambda m: variables.get(m.group(1), m.group(0)), word))
+    return argv + [str(arg) for arg in model["args"]]
+
+
 def probe(model: Mapping[str, Any]) -> dict[str, Any]:
     """The smallest real request the model must answer after a start: one token or one vector.
 
@@ -161,7 +197,7 @@ def _plan(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, An
         "pip_spec": None,
         "image": None,
     }
-    if engine == "command":
+    if engine == "command" and runtime == "systemd":
         # Verbatim, as the command engine has always run: systemd expands ${LLM_*} in it.
         plan["exec_start"] = " ".join([model["command"], *model["args"]])
         return plan
@@ -172,12 +208,16 @@ def _plan(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, An
         plan["exec_start"] = systemd_quote(
             [f"{venv}/bin/{ENGINE_EXECUTABLES[engine]}", *engine_argv(model, settings["bind_address"])])
     else:
-        plan["image"] = str(settings["images"][engine]).replace("{version}", str(version))
-        plan["entrypoint"] = [ENGINE_EXECUTABLES[engine]]
-        plan["command"] = engine_argv(model, CONTAINER_BIND)
-        plan["env"] = dict(plan["environment"])
+        plan["image"] = model.get("image") or str(settings["images"][engine]).replace("{version}", str(version))
+        if engine == "command":
+            words = command_argv(model, CONTAINER_BIND)
+            plan["entrypoint"], plan["command"] = words[:1], words[1:]
+        else:
+            plan["entrypoint"] = [ENGINE_EXECUTABLES[engine]]
+            plan["command"] = engine_argv(model, CONTAINER_BIND)
+        plan["env"] = dict(service_variables(model, CONTAINER_BIND) + plan["environment"])
         plan["published_ports"] = [f"{url_host(settings['bind_address'])}:{model['port']}:{model['port']}"]
-        volumes = [f"{settings['hf_home']}:{settings['hf_home']}"]
+        volumes = [f"{settings['hf_home']}:{settings['hf_home']}"] if is_engine else []
         if plan["local_source"]:
             volumes.append(f"{source}:{source}:ro")
         plan["volumes"] = volumes
