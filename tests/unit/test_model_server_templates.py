@@ -291,7 +291,8 @@ def test_vllm_container_spec() -> None:
     assert plan["volumes"] == ["/var/lib/llm/huggingface:/var/lib/llm/huggingface"]
     assert plan["env"] == {"LLM_MODEL_NAME": "qwen-chat", "LLM_SERVED_NAMES": "qwen-chat gpt-4o-mini",
                            "LLM_MODEL_PORT": "8001", "LLM_BIND_ADDRESS": "0.0.0.0",
-                           "HF_HOME": "/var/lib/llm/huggingface", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+                           "HF_HOME": "/var/lib/llm/huggingface", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
+                           "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     assert "CUDA_VISIBLE_DEVICES" not in plan["env"], "docker picks the GPUs; inside they are renumbered from 0"
     assert plan["venv"] is None
 

@@ -156,7 +156,7 @@ def _environment(model: Mapping[str, Any], settings: Mapping[str, Any], runtime:
 
     Engines read weights from HF_HOME, which the role filled before the start, so they run
     with HF_HUB_OFFLINE=1: a restart never depends on the Hub, and no token sits in a unit or
-    container. In a container the GPUs are chosen by docker, not CUDA_VISIBLE_DEVICES.
+    container. Their usage statistics are switched off. In a container the GPUs are chosen by docker, not CUDA_VISIBLE_DEVICES.
     """
     pairs: list[list[str]] = []
     is_engine = model["engine"] in ENGINE_EXECUTABLES
@@ -164,6 +164,12 @@ def _environment(model: Mapping[str, Any], settings: Mapping[str, Any], runtime:
         pairs.append(["HF_HOME", str(settings["hf_home"])])
     if is_engine or _truthy(settings["offline"]):
         pairs.append(["HF_HUB_OFFLINE", "1"])
+    if is_engine:
+        # Both engines phone home with usage statistics unless told not to; a private
+        # cluster should not try (and on an air-gapped one each attempt only times out).
+        pairs.append(["DO_NOT_TRACK", "1"])
+        if model["engine"] == "vllm":
+            pairs.append(["VLLM_NO_USAGE_STATS", "1"])
     if runtime == "systemd" and model["gpus"]:
         pairs.append(["CUDA_VISIBLE_DEVICES", ",".join(str(gpu) for gpu in model["gpus"])])
     pairs += [[key, value] for key, value in sorted(model["env"].items())]
