@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
+from lab_pytest import assigned_models
+
 testinfra_hosts = ["llm_gpu_hosts"]
-
-
-def _assigned_models(host, inventory) -> list[dict]:
-    """The scenario registry's models whose hosts include this host (directly or by group)."""
-    name = host.backend.get_hostname()
-    registry = inventory["_meta"]["hostvars"][name]["llm_models"]
-    groups = {g: set(v.get("hosts", [])) for g, v in inventory.items() if isinstance(v, dict)}
-    return [m for m in registry if any(name == h or name in groups.get(h, ()) for h in m["hosts"])]
 
 
 def test_service_account_is_unprivileged(host):
@@ -23,7 +17,7 @@ def test_service_account_is_unprivileged(host):
 
 
 def test_every_assigned_model_runs_as_its_own_unit(host, inventory):
-    models = _assigned_models(host, inventory)
+    models = assigned_models(host, inventory)
     assert models, "the scenario assigns at least one model to every GPU host"
     for model in models:
         unit = f"llm-model-{model['name']}.service"
@@ -37,19 +31,19 @@ def test_every_assigned_model_runs_as_its_own_unit(host, inventory):
 
 def test_models_listen_on_the_private_address_only(host, inventory, address_of):
     address = address_of(host.backend.get_hostname())
-    for model in _assigned_models(host, inventory):
+    for model in assigned_models(host, inventory):
         assert host.socket(f"tcp://{address}:{model['port']}").is_listening
         assert not host.socket(f"tcp://0.0.0.0:{model['port']}").is_listening
 
 
 def test_unassigned_models_do_not_run(host, inventory):
-    assigned = {f"llm-model-{m['name']}.service" for m in _assigned_models(host, inventory)}
+    assigned = {f"llm-model-{m['name']}.service" for m in assigned_models(host, inventory)}
     units = host.check_output("systemctl list-units --all --no-legend --plain 'llm-model-*' | awk '{print $1}'")
     assert set(units.split()) == assigned
 
 
 def test_model_answers_health_on_its_port(host, inventory, address_of):
     address = address_of(host.backend.get_hostname())
-    for model in _assigned_models(host, inventory):
+    for model in assigned_models(host, inventory):
         code = host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' http://{address}:{model['port']}/health")
         assert code == "200", f"{model['name']}: /health answered {code}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from conftest import wait_until
+from lab_pytest import hosts_of, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -52,20 +52,11 @@ class Backend:
 
 
 @pytest.fixture(scope="module")
-def registry(inventory) -> list[dict]:
-    gateway = inventory["llm_gateways"]["hosts"][0]
-    return inventory["_meta"]["hostvars"][gateway]["llm_models"]
-
-
-@pytest.fixture(scope="module")
 def backends(registry, inventory, address_of) -> list[Backend]:
     """One Backend per (model, host), hosts expanded from groups as the registry does."""
     found = []
     for model in registry:
-        hosts = []
-        for entry in model["hosts"]:
-            hosts += inventory.get(entry, {}).get("hosts", []) or [entry]
-        for host in sorted(set(hosts)):
+        for host in hosts_of(model, inventory):
             found.append(Backend(host, f"http://{address_of(host)}:{model['port']}", model))
     return found
 

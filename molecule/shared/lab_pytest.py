@@ -1,5 +1,7 @@
-"""Fixtures shared by the scenario's testinfra tests.
+"""Fixtures and helpers shared by every scenario's testinfra tests (a pytest plugin).
 
+.config/molecule/config.yml loads it with `-p lab_pytest` and puts molecule/shared
+on PYTHONPATH; tests import `wait_until` and `assigned_models` from here.
 Requests are sent from the machine running molecule straight to the lab
 containers' addresses on the scenario's private docker network, never elsewhere.
 """
@@ -39,13 +41,20 @@ def lab_host() -> Callable[[str], testinfra.host.Host]:
 
 
 @pytest.fixture(scope="session")
-def address_of(lab_host) -> Callable[[str], str]:
-    """The private address of a lab host (the one the gateway routes to)."""
+def address_of() -> Callable[[str], str]:
+    """The private address of a lab host: its address on the scenario's docker network.
+
+    Asked of the docker engine that runs the lab, not of the host: `hostname -I` on a
+    host with its own Docker Engine lists docker0's address too.
+    """
     cache: dict[str, str] = {}
 
     def get(name: str) -> str:
         if name not in cache:
-            cache[name] = lab_host(name).check_output("hostname -I").split()[0]
+            cache[name] = subprocess.run(
+                ["docker", "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", name],
+                check=True, capture_output=True, text=True,
+            ).stdout.split()[0]
         return cache[name]
     return get
 
@@ -54,6 +63,28 @@ def address_of(lab_host) -> Callable[[str], str]:
 def gateway_url(inventory, address_of) -> str:
     gateway = inventory["llm_gateways"]["hosts"][0]
     return f"http://{address_of(gateway)}"
+
+
+@pytest.fixture(scope="session")
+def registry(inventory) -> list[dict[str, Any]]:
+    """The scenario's llm_models as written (templates in `command` not yet rendered)."""
+    gateway = inventory["llm_gateways"]["hosts"][0]
+    return inventory["_meta"]["hostvars"][gateway]["llm_models"]
+
+
+def hosts_of(model: dict[str, Any], inventory: dict[str, Any]) -> list[str]:
+    """The hosts a registry model runs on, groups expanded as the registry does."""
+    hosts: list[str] = []
+    for entry in model["hosts"]:
+        hosts += inventory.get(entry, {}).get("hosts", []) or [entry]
+    return sorted(set(hosts))
+
+
+def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any]) -> list[dict[str, Any]]:
+    """The registry's models that run on this testinfra host."""
+    name = host.backend.get_hostname()
+    registry = inventory["_meta"]["hostvars"][name]["llm_models"]
+    return [model for model in registry if name in hosts_of(model, inventory)]
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.5) -> bool:
