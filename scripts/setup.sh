@@ -5,6 +5,8 @@
 #   - a Docker engine, started when none answers
 #   - .venv with the pinned development requirements (ansible, molecule, ...)
 #   - the lab images for Debian 12 and Debian 13
+#   - with LAB_MODEL_IMAGES=1: the model images and weights the docker GPU hosts of
+#     the model_servers scenario load (files/lab/build-model-images.sh, ~2 min once)
 # Safe to run again: every step checks before it acts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,3 +48,8 @@ log "building lab images"
 for suite in ${LAB_SUITES:-bookworm trixie}; do
   files/lab/build-image.sh "$suite"
 done
+
+if [ "${LAB_MODEL_IMAGES:-0}" = 1 ]; then
+  log "building the lab's model images"
+  files/lab/build-model-images.sh
+fi

@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scenarios=${MOLECULE_SCENARIOS:-$(cd molecule && ls -d */ | tr -d / | grep -v '^shared$' | tr '\n' ' ')}
+# The model_servers scenario's docker host loads images built on this machine.
+case " $scenarios " in *" model_servers "*) export LAB_MODEL_IMAGES=1 ;; esac
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export ANSIBLE_FORCE_COLOR=0 PY_COLORS=0
@@ -37,7 +40,6 @@ run_step "yamllint" yamllint --strict .
 run_step "ansible-lint (production profile)" ansible-lint --profile production
 run_step "pytest unit tests" python -m pytest -q tests/unit
 
-scenarios=${MOLECULE_SCENARIOS:-$(cd molecule && ls -d */ | tr -d / | grep -v '^shared$')}
 for distro in ${MOLECULE_DISTROS:-bookworm trixie}; do
   for scenario in $scenarios; do
     run_step "molecule $scenario on $distro" env MOLECULE_DISTRO="$distro" molecule test -s "$scenario"

@@ -8,17 +8,18 @@
 #
 # Both images start from llm-lab/debian:bookworm (build-image.sh): its Python 3.11
 # matches the only torch CPU wheel on these machines, whatever the GPU host runs.
-# <cache> is $LAB_CACHE, by default .cache/lab in the repository.
+# <cache> is .cache/lab in the repository (the scenario mounts it from there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-cache=${LAB_CACHE:-$PWD/.cache/lab}
+cache=$PWD/.cache/lab
 requirements=files/lab/infinity-requirements.txt
 backend=tests/backend/llm_test_backend.py
 base=llm-lab/debian:bookworm
 infinity_image=llm-lab/infinity:0.0.78-cpu
 backend_image=llm-lab/test-backend:1
 mkdir -p "$cache"
+docker image inspect "$base" >/dev/null 2>&1 || files/lab/build-image.sh bookworm
 
 # --- wheelhouse: pip of this machine (Python 3.11, like bookworm) fetches the wheels
 wheels_stamp="$cache/wheelhouse/.done-$(sha256sum "$requirements" | cut -c1-12)"

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -85,6 +86,28 @@ def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any]) -> lis
     name = host.backend.get_hostname()
     registry = inventory["_meta"]["hostvars"][name]["llm_models"]
     return [model for model in registry if name in hosts_of(model, inventory)]
+
+
+def run_playbook(playbook: str, workdir: Path, extra_vars: dict[str, Any] | None = None,
+                 *options: str) -> subprocess.CompletedProcess:
+    """A playbook of the project (path from the repository root) against the scenario's inventory.
+
+    Extra vars go through a JSON file, so registry entries keep their types; molecule's
+    environment (ANSIBLE_CONFIG and friends) is inherited, as in its converge.
+    """
+    command = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"],
+               str(Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / playbook), *options]
+    if extra_vars is not None:
+        path = workdir / "extra_vars.json"
+        path.write_text(json.dumps(extra_vars))
+        command += ["--extra-vars", f"@{path}"]
+    environment = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=environment)
+
+
+def play_output(result: subprocess.CompletedProcess) -> str:
+    """The end of a playbook's output, for assertion messages."""
+    return result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.5) -> bool:

@@ -6,13 +6,10 @@ runtime), checks, then converges the scenario's own registry back.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 import requests
+
+from lab_pytest import play_output, run_playbook
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -20,27 +17,16 @@ REMOVED = {"chat-systemd": ("ms-gpu1", "systemd"), "chat-docker": ("ms-gpu2", "d
 KEPT = "minilm"
 
 
-def _site(tmp_path: Path, extra_vars: dict | None = None) -> subprocess.CompletedProcess:
-    """site.yml against the scenario's inventory, as molecule's converge runs it."""
-    command = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"],
-               str(Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "site.yml")]
-    if extra_vars is not None:
-        path = tmp_path / "extra_vars.json"
-        path.write_text(json.dumps(extra_vars))
-        command += ["--extra-vars", f"@{path}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-
-
 @pytest.fixture(scope="module")
 def removed(registry, tmp_path_factory):
     """Converge without the removed models; afterwards, converge the full registry again."""
     tmp_path = tmp_path_factory.mktemp("removal")
     kept = [model for model in registry if model["name"] not in REMOVED]
-    result = _site(tmp_path, {"llm_models": kept})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    result = run_playbook("site.yml", tmp_path, {"llm_models": kept})
+    assert result.returncode == 0, play_output(result)
     yield result
-    restored = _site(tmp_path)
-    assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-2000:]
+    restored = run_playbook("site.yml", tmp_path)
+    assert restored.returncode == 0, play_output(restored)
 
 
 def test_removed_systemd_model_has_no_unit_left(removed, lab_host, registry, address_of):
