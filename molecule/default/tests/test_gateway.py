@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from lab_pytest import wait_until
+
 testinfra_hosts = ["llm_gateways"]
 
 
@@ -48,8 +50,15 @@ def test_routes_are_derived_from_the_registry(host):
 
 def test_access_log_is_one_json_object_per_request(host):
     host.run("curl -s -o /dev/null -H 'X-Request-ID: log-probe-1' http://127.0.0.1/v1/models")
-    lines = host.file("/var/log/nginx/llm-access.log").content_string.strip().splitlines()
-    entry = json.loads(lines[-1])
+
+    def probe_lines() -> list[str]:
+        log = host.file("/var/log/nginx/llm-access.log").content_string
+        return [line for line in log.splitlines() if "log-probe-1" in line]
+
+    # The log is buffered: nginx writes it at least once a second.
+    assert wait_until(lambda: bool(probe_lines()), timeout=5), "no access log line for the probe"
+    [line] = probe_lines()
+    entry = json.loads(line)
     assert entry["request_id"] == "log-probe-1"
     assert entry["status"] == 200
     assert {"time", "model", "upstream_addr", "request_time", "bytes_in", "bytes_out", "stream",
