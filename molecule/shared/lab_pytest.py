@@ -81,11 +81,13 @@ def hosts_of(model: dict[str, Any], inventory: dict[str, Any]) -> list[str]:
     return sorted(set(hosts))
 
 
-def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any]) -> list[dict[str, Any]]:
-    """The registry's models that run on this testinfra host."""
+def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any],
+                    runtime: str | None = None) -> list[dict[str, Any]]:
+    """The registry's models that run on this testinfra host (only those of one runtime if given)."""
     name = host.backend.get_hostname()
     registry = inventory["_meta"]["hostvars"][name]["llm_models"]
-    return [model for model in registry if name in hosts_of(model, inventory)]
+    return [model for model in registry if name in hosts_of(model, inventory)
+            and runtime in (None, model.get("runtime", "systemd"))]
 
 
 def run_playbook(playbook: str, workdir: Path, extra_vars: dict[str, Any] | None = None,

@@ -1,10 +1,7 @@
-"""One model, one service: a hardened systemd unit or a docker container, on the private address only."""
+"""Every GPU host: each model a hardened systemd unit, or a container; all answer on the private address."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
 import requests
 
 from lab_pytest import assigned_models
@@ -12,22 +9,11 @@ from lab_pytest import assigned_models
 testinfra_hosts = ["llm_gpu_hosts"]
 
 
-def _containers(host) -> dict[str, dict]:
-    """docker inspect of every container on the host, by name; none on a host without Docker."""
-    if not host.exists("docker"):
-        return {}
-    names = host.check_output("docker ps --all --format '{{.Names}}'").split()
-    if not names:
-        return {}
-    return {c["Name"].lstrip("/"): c for c in json.loads(host.check_output(f"docker inspect {' '.join(names)}"))}
-
-
-def _runtime_models(host, inventory, runtime: str) -> list[dict]:
-    return [m for m in assigned_models(host, inventory) if m.get("runtime", "systemd") == runtime]
-
-
-def test_systemd_models_run_as_hardened_units(host, inventory):
-    for model in _runtime_models(host, inventory, "systemd"):
+def test_systemd_models_run_as_hardened_units_and_nothing_else_has_one(host, inventory):
+    models = assigned_models(host, inventory, "systemd")
+    units = host.check_output("systemctl list-units --all --no-legend --plain 'llm-model-*' | awk '{print $1}'")
+    assert set(units.split()) == {f"llm-model-{m['name']}.service" for m in models}
+    for model in models:
         unit = f"llm-model-{model['name']}.service"
         service = host.service(unit)
         assert service.is_running and service.is_enabled, unit
@@ -35,49 +21,7 @@ def test_systemd_models_run_as_hardened_units(host, inventory):
         assert "User=llm" in props and "NoNewPrivileges=yes" in props and "Restart=on-failure" in props
 
 
-def test_docker_models_run_as_containers_with_the_registry_image(host, inventory):
-    models = _runtime_models(host, inventory, "docker")
-    if not models:
-        pytest.skip("no docker models on this host")
-    containers = _containers(host)
-    assert set(containers) == {f"llm-model-{m['name']}" for m in models}, "one container per model, nothing else"
-    for model in models:
-        container = containers[f"llm-model-{model['name']}"]
-        assert container["State"]["Running"], model["name"]
-        assert container["Config"]["Image"] == model["image"]
-        assert container["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
-        assert container["Config"]["Labels"].get("io.llm-gateway.model") == model["name"]
-        env = dict(item.split("=", 1) for item in container["Config"]["Env"])
-        assert env["LLM_MODEL_NAME"] == model["name"] and env["LLM_MODEL_PORT"] == str(model["port"])
-    assert not host.check_output("systemctl list-units --all --no-legend --plain 'llm-model-*'"), \
-        "a docker model has no unit"
-
-
-def test_docker_ports_are_published_on_the_private_address_only(host, inventory, address_of):
-    address = address_of(host.backend.get_hostname())
-    containers = _containers(host)
-    for model in _runtime_models(host, inventory, "docker"):
-        bindings = containers[f"llm-model-{model['name']}"]["HostConfig"]["PortBindings"]
-        assert bindings == {f"{model['port']}/tcp": [{"HostIp": address, "HostPort": str(model["port"])}]}
-        assert host.socket(f"tcp://{address}:{model['port']}").is_listening
-        assert not host.socket(f"tcp://0.0.0.0:{model['port']}").is_listening
-
-
 def test_every_model_answers_health_from_the_gateways_side(host, inventory, address_of):
     address = address_of(host.backend.get_hostname())
     for model in assigned_models(host, inventory):
         assert requests.get(f"http://{address}:{model['port']}/health", timeout=5).status_code == 200, model["name"]
-
-
-def test_command_model_in_a_container_serves_through_the_gateway(host, inventory, gateway_url):
-    models = [m for m in _runtime_models(host, inventory, "docker") if m["engine"] == "command"]
-    if not models:
-        pytest.skip("no command model in a container on this host")
-    containers = _containers(host)
-    for model in models:
-        reply = requests.post(f"{gateway_url}/v1/chat/completions", timeout=10,
-                              json={"model": model["name"], "messages": [{"role": "user", "content": "hi"}]})
-        assert reply.status_code == 200, reply.text
-        # The test backend names the host it runs on: inside a container, the container's hostname.
-        assert reply.headers["X-Backend-Host"] == containers[f"llm-model-{model['name']}"]["Config"]["Hostname"]
-        assert reply.json()["model"] == model["name"]
