@@ -170,6 +170,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per size (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
+                        help="body sizes to measure (default: all)")
     args = parser.parse_args()
     reason = nginx_missing() or (None if Path(WRK).exists() else "wrk not found (apt install wrk)")
     if reason:
@@ -201,7 +203,8 @@ def main() -> int:
         print(f"nginx: {subprocess.run([NGINX, '-v'], capture_output=True, text=True).stderr.strip()}; "
               f"njs module: {NJS_MODULE}; {args.rounds} rounds x {args.duration}s, {args.connections} connections")
         rows = []
-        for label, size in SIZES.items():
+        for label in args.sizes:
+            size = SIZES[label]
             body = work / f"body-{size}.json"
             body.write_bytes(body_of_size(size))
             check_route(targets["gateway"], body.read_bytes())

@@ -40,6 +40,8 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NJS_MODULE = Path(os.environ.get("NJS_MODULE", "/usr/lib/nginx/modules/ngx_http_js_module.so"))
 MIME_TYPES = Path("/etc/nginx/mime.types")
 PARSE_MAX = 16384
+# Bodies under this many bytes (with a Content-Length) take the pure-nginx fast path.
+FAST_MAX = 9999
 
 
 def free_port() -> int:
@@ -281,8 +283,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     }
     down_ports = [free_port(), free_port()]
     entries = [
-        route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], ["gpt-4o-mini"]),
-        route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], []),
+        route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], ["gpt-4o-mini", "Mixed-Case"]),
+        route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], ["mixed-case"]),
         route("embed-small", "llm_embed_small", "", ["embeddings", "rerank"], ["text-embedding-3-small"]),
         route("down-model", "llm_down_model", "/v1", ["chat"], []),
     ]
@@ -427,18 +429,57 @@ TRICKY_BODIES = [
     ('{{pad}"model":"no-such-model"}', "model_not_found"),
     ('{{pad}"model":"constructor"}', "model_not_found"),
     ('{{pad}"model":"__proto__"}', "model_not_found"),
+    # Exact names only: nginx maps compare case-insensitively, the router must not.
+    ('{{pad}"model":"CHAT-SMALL"}', "model_not_found"),
+    ('{{pad}"model":"Mixed-Case"}', "chat-small"),
+    ('{{pad}"model":"mixed-case"}', "chat-large"),
+    ('{{pad}"model":"MIXED-case"}', "model_not_found"),
+    # A top-level key with an escape, and escapes in the value: njs decodes them.
+    ('{{pad}"m\\u006fdel":"chat-large","model":"chat-small"}', "chat-small"),
+    ('{{pad}"model":"chat-small","\\u006dodel":"chat-large"}', "chat-large"),
+    ('{{pad}"model":"chat\\u002dlarge"}', "chat-large"),
+    ('{{pad}"model":"chat-small","a":"\\ud83d\\ude00 \\/ \\b\\f\\n\\r\\t"}', "chat-small"),
+    ('{{pad}"model" :\t"chat-small" ,"a":[ ] , "b":{ } }', "chat-small"),
+    ('{{pad}"a":[1,-2.5e+3,0.5,true,false,null,"x",{},[[]]],"model":"chat-small"}', "chat-small"),
+    ('{{pad}"model":"chat-small","model":7}', "invalid_body"),
+    ('{{pad}"model":"chat-small","model":""}', "missing_model"),
+]
+
+# Bodies JSON.parse rejects although their structure is sound: the fast path must
+# reject them too (they never reach a backend). The scanner, which checks
+# structure only, leaves them to the backend's parser. (njs 0.7.9's JSON.parse
+# itself accepts 01 and 1., so those are left out.)
+INVALID_SCALARS = [
+    '{{pad}"model":"chat-small","a":[1,]}',
+    '{{pad}"model":"chat-small","a":[,1]}',
+    '{{pad}"model":"chat-small",}',
+    '{{pad}"model":"chat-small","a":+1}',
+    '{{pad}"model":"chat-small","a":tru}',
+    '{{pad}"model":"chat-small","a":"\\x41"}',
+    '{{pad}"model":"chat-small","a":"\\u12"}',
+    '{{pad}"model":"chat-small","a":"raw\ttab"}',
+    '{{pad}"model":"chat-small","a":{"b" 1}}',
+    '{{pad}"model":"chat-small","a":{"b":1 "c":2}}',
+    '{{pad}"model":"chat-small" "a":1}',
+    '{{pad}"model":"chat-small","a":\v1}',
 ]
 
 
-@pytest.mark.parametrize("size", ["parsed", "scanned"])
+# Where a body of each size is read: "fast" by nginx's regex (or by njs when the
+# regex gives no answer), "parsed" by njs's JSON.parse, "scanned" by njs's scanner.
+PAD_FOR = {"fast": "", "parsed": "p" * (FAST_MAX + 100), "scanned": PAD}
+
+
+@pytest.mark.parametrize("size", ["fast", "parsed", "scanned"])
 @pytest.mark.parametrize(("template", "expected"), TRICKY_BODIES)
 def test_top_level_model(gateway: Gateway, template: str, expected: str, size: str) -> None:
-    pad = f'"pad":"{PAD}",' if size == "scanned" else ""
+    pad = f'"pad":"{PAD_FOR[size]}",' if size != "fast" else ""
     text = template.replace("{pad}", pad)
     if template.startswith('"{pad}"'):
-        text = json.dumps(PAD if size == "scanned" else "x")
+        text = json.dumps(PAD_FOR[size] or "x")
     raw = text.encode()
-    assert (len(raw) > PARSE_MAX) == (size == "scanned")
+    assert {"fast": len(raw) <= FAST_MAX, "parsed": FAST_MAX < len(raw) <= PARSE_MAX,
+            "scanned": len(raw) > PARSE_MAX}[size]
     reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
     if expected in ("chat-small", "chat-large"):
         # The backend may refuse these odd bodies itself; what matters is where they went, unchanged.
@@ -459,6 +500,83 @@ def test_dense_large_body_falls_back_to_full_parse(gateway: Gateway) -> None:
     assert reply.headers["X-Backend-Model"] == "chat-small"
     broken = json.dumps(body)[:-1] + ",}"
     assert_error(gateway.request("POST", "/v1/chat/completions", raw=broken.encode()), 400, "invalid_body")
+
+
+@pytest.mark.parametrize("size", ["fast", "parsed"])
+@pytest.mark.parametrize("template", INVALID_SCALARS)
+def test_invalid_json_never_reaches_a_backend(gateway: Gateway, template: str, size: str) -> None:
+    pad = f'"pad":"{PAD_FOR[size]}",' if size != "fast" else ""
+    raw = template.replace("{pad}", pad).encode()
+    assert_error(gateway.request("POST", "/v1/chat/completions", raw=raw), 400, "invalid_body")
+    assert all(not rs for rs in served_by(gateway).values())
+
+
+@pytest.mark.parametrize(("depth", "nested"), [(14, "["), (14, '{"a":'), (20, "["), (20, '{"a":'),
+                                              (40, "["), (40, '{"a":'), (1000, "["), (1000, '{"m":')])
+def test_deep_nesting_never_takes_a_nested_model(gateway: Gateway, depth: int, nested: str) -> None:
+    """A decoy at the bottom. Deeper than the fast path's bound (16), njs takes over, whose
+    JSON.parse (njs 0.7.9) refuses a few dozen levels: a 400, never the decoy."""
+    close = "]" if nested == "[" else "}"
+    raw = ('{"a":' + nested * depth + '{"model":"chat-large"}' + close * depth + ',"model":"chat-small"}').encode()
+    assert len(raw) <= FAST_MAX
+    reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
+    got = served_by(gateway)
+    assert got["large"] == []
+    received = [r["body_sha256"] for r in got["small-a"] + got["small-b"]]
+    if received or depth < 30:
+        assert received == [hashlib.sha256(raw).hexdigest()], reply.body[:300]
+    else:
+        assert_error(reply, 400, "invalid_body")
+    # The bounded regex never exhausts PCRE, whose error nginx would log with the body in it.
+    assert "pcre" not in (gateway.root / "logs" / "error.log").read_text().lower()
+
+
+def test_chunked_body_is_routed_by_njs(gateway: Gateway) -> None:
+    """No Content-Length: the fast path does not apply; the answer is the same."""
+    conn = gateway.connect()
+    raw = json.dumps(chat("chat-large", tools=[{"model": "chat-small"}])).encode()
+    conn.request("POST", "/v1/chat/completions", body=iter([raw[:10], raw[10:]]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 200
+    assert resp.headers["X-Backend-Model"] == "chat-large"
+    assert gateway.backends["large"].requests()[-1]["body_sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_fast_path_routes_without_njs(tmp_path: Path) -> None:
+    """With an njs router that refuses everything, only what the fast path cannot answer fails."""
+    reason = nginx_missing()
+    if reason:
+        pytest.skip(reason)
+    backend = start_backend(["chat-small"])
+    conf = render_gateway(tmp_path, routes_for([route("chat-small", "llm_chat_small", "/v1", ["chat"], [])]),
+                          [Upstream("llm_chat_small", "chat-small", [backend.address])], ["chat-small"],
+                          gateway_http_port=(port := free_port()), gateway_https_port=0)
+    router = tmp_path / "llm" / "router.js"
+    refuse = "function route(r) {\n    return sendError(r, 500, 'njs was asked', 'server_error');"
+    router.write_text(router.read_text().replace("function route(r) {", refuse, 1))
+    proc = start_nginx(conf, port)
+    try:
+        def post(raw: bytes) -> Reply:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/chat/completions", body=raw, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            reply = Reply(resp.status, resp.headers, resp.read())
+            conn.close()
+            return reply
+
+        plain = json.dumps(chat("chat-small", tools=[{"model": "chat-large"}])).encode()
+        assert post(plain).status == 200
+        for njs_only in (b'{"mod\\u0065l":"chat-small"}', b'{"model":"nope"}', b'{"model":"CHAT-SMALL"}',
+                         json.dumps(chat("chat-small", pad="p" * FAST_MAX)).encode()):
+            reply = post(njs_only)
+            assert reply.status == 500 and b"njs was asked" in reply.body, njs_only[:60]
+        assert len(backend.requests()) == 1
+    finally:
+        stop(proc)
+        stop(backend.proc)
 
 
 # ---------------------------------------------------------------- errors
@@ -501,6 +619,9 @@ def test_no_html_error_pages(gateway: Gateway, method: str, path: str, status: i
     reply = gateway.request(method, path, body=chat("chat-small") if method != "GET" else None)
     assert_error(reply, status)
     assert b"<html" not in reply.body
+    if status == 405 and path != "/v1/models":
+        assert reply.headers["Allow"] == "POST"
+    assert all(not rs for rs in served_by(gateway).values())
 
 
 def test_all_servers_down_is_503_json_with_retry_after(gateway: Gateway) -> None:
@@ -632,8 +753,13 @@ def test_access_log_is_json_per_request(gateway: Gateway) -> None:
     gateway.request("POST", "/v1/chat/completions", chat("gpt-4o-mini", stream=True),
                     headers={"X-Request-ID": "log-stream-1"})
     gateway.request("POST", "/v1/chat/completions", chat("nope"), headers={"X-Request-ID": "log-404-1"})
-    time.sleep(0.2)
-    entries = {e["request_id"]: e for e in gateway.access_log()}
+    # The log is buffered and flushed at least once a second.
+    deadline = time.monotonic() + 5
+    while True:
+        entries = {e["request_id"]: e for e in gateway.access_log()}
+        if {"log-stream-1", "log-404-1"} <= set(entries) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     streamed = entries["log-stream-1"]
     assert streamed["model"] == "chat-small" and streamed["model_requested"] == "gpt-4o-mini"
     assert streamed["stream"] is True and streamed["status"] == 200
