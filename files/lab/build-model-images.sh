@@ -53,6 +53,17 @@ if [ -e "$archive" ] && [ "$(cat "$archive.recipe" 2>/dev/null)" = "$recipe_hash
   exit 0
 fi
 
+# Images of this recipe may already be in the engine (another clone built them):
+# then only the archive is written.
+built_recipe() { docker image inspect --format '{{index .Config.Labels "io.llm-lab.recipe"}}' "$1" 2>/dev/null; }
+if [ "$(built_recipe "$backend_image")" = "$recipe_hash" ] && [ "$(built_recipe "$infinity_image")" = "$recipe_hash" ]; then
+  echo "saving the model images of recipe $recipe_hash to $archive"
+  docker save -o "$archive.partial" "$infinity_image" "$backend_image"
+  mv "$archive.partial" "$archive"
+  echo "$recipe_hash" >"$archive.recipe"
+  exit 0
+fi
+
 builder=llm-lab-image-builder
 docker rm -f "$builder" >/dev/null 2>&1 || true
 trap 'docker rm -f "$builder" >/dev/null 2>&1 || true' EXIT
@@ -62,6 +73,7 @@ docker run -d --name "$builder" "$base" sleep infinity >/dev/null
 docker exec "$builder" mkdir -p /opt/llm-test-backend
 docker cp "$backend" "$builder:/opt/llm-test-backend/llm_test_backend.py"
 docker commit --change 'CMD ["/usr/bin/python3", "/opt/llm-test-backend/llm_test_backend.py"]' \
+  --change "LABEL io.llm-lab.recipe=$recipe_hash" \
   "$builder" "$backend_image" >/dev/null
 docker rm -f "$builder" >/dev/null
 
@@ -74,6 +86,7 @@ docker exec "$builder" sh -c 'set -- /wheelhouse/pip-*.whl && python3 -m venv --
 docker commit \
   --change 'ENV PATH=/opt/infinity/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENTRYPOINT ["infinity_emb"]' --change 'CMD ["v2", "--help"]' \
+  --change "LABEL io.llm-lab.recipe=$recipe_hash" \
   "$builder" "$infinity_image" >/dev/null
 
 echo "saving both images to $archive"
