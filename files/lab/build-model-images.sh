@@ -89,6 +89,9 @@ docker commit \
   --change "LABEL io.llm-lab.recipe=$recipe_hash" \
   "$builder" "$infinity_image" >/dev/null
 
+# The images of older recipes lost their tags to these: free their space.
+docker image prune --force --filter label=io.llm-lab.recipe >/dev/null
+
 echo "saving both images to $archive"
 docker save -o "$archive.partial" "$infinity_image" "$backend_image"
 mv "$archive.partial" "$archive"
