@@ -156,7 +156,8 @@ def _environment(model: Mapping[str, Any], settings: Mapping[str, Any], runtime:
 
     Engines read weights from HF_HOME, which the role filled before the start, so they run
     with HF_HUB_OFFLINE=1: a restart never depends on the Hub, and no token sits in a unit or
-    container. Their usage statistics are switched off. In a container the GPUs are chosen by docker, not CUDA_VISIBLE_DEVICES.
+    container. Their usage statistics are switched off. In a container the GPUs are chosen by
+    docker, not CUDA_VISIBLE_DEVICES.
     """
     pairs: list[list[str]] = []
     is_engine = model["engine"] in ENGINE_EXECUTABLES
