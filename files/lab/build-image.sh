@@ -30,7 +30,8 @@ root=$(mktemp -d /var/tmp/llm-lab-rootfs.XXXXXX)
 # debootstrap mounts /proc and /sys inside the root: unmount them before removing
 # it, and never let rm cross into a mounted file system.
 cleanup() {
-  findmnt -rn -o TARGET | grep "^$root/" | sort -r | xargs -r -n1 umount -l
+  # grep finds nothing once debootstrap unmounted them itself: not an error.
+  { findmnt -rn -o TARGET | grep "^$root/" || true; } | sort -r | xargs -r -n1 umount -l
   rm -rf --one-file-system "$root" "$root.log"
 }
 trap cleanup EXIT
