@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import importlib.util
 import http.client
 import json
 import os
@@ -40,7 +41,8 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NJS_MODULE = Path(os.environ.get("NJS_MODULE", "/usr/lib/nginx/modules/ngx_http_js_module.so"))
 MIME_TYPES = Path("/etc/nginx/mime.types")
 PARSE_MAX = 16384
-# Bodies under this many bytes (with a Content-Length) take the pure-nginx fast path.
+# Bodies up to this many bytes (with a Content-Length) are checked whole by nginx's
+# "whole" regex; bigger ones from their top-level "model" key on by the "tail" regex.
 FAST_MAX = 9999
 
 
@@ -90,11 +92,23 @@ def _template_env() -> Any:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROLE / "templates")),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True)  # as Ansible renders templates
     env.filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(
         value, indent=indent, sort_keys=sort_keys)
     env.filters["dirname"] = os.path.dirname
+    env.filters.update(_role_filters())
     return env
+
+
+def _role_filters() -> dict[str, Any]:
+    """The gateway role's own filter plugins, loaded from their file as Ansible would."""
+    spec = importlib.util.spec_from_file_location("gateway_body_regex",
+                                                  ROLE / "filter_plugins" / "gateway_body_regex.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FilterModule().filters()
 
 
 def role_defaults() -> dict[str, Any]:
@@ -135,6 +149,8 @@ def render_gateway(root: Path, routes: dict[str, Any], upstreams: list[Upstream]
         "__gateway_routes": routes,
         "__gateway_upstreams": [vars(u) for u in upstreams],
         "__gateway_models": models,
+        "__gateway_request_id_tag": "0123abcd",
+        "__gateway_fast_names": _role_filters()["llm_fast_route_names"](routes),
         "gateway_access_log": str(root / "logs" / "llm-access.log"),
         "gateway_error_log": str(root / "logs" / "error.log"),
         "gateway_include_conf_d": False,
@@ -465,9 +481,26 @@ INVALID_SCALARS = [
 ]
 
 
-# Where a body of each size is read: "fast" by nginx's regex (or by njs when the
-# regex gives no answer), "parsed" by njs's JSON.parse, "scanned" by njs's scanner.
+# Where a body of each size is read: "fast" by nginx's "whole" regex, the others by
+# its "tail" regex; when a regex gives no answer, "fast" and "parsed" bodies by njs's
+# JSON.parse, "scanned" ones by njs's scanner.
 PAD_FOR = {"fast": "", "parsed": "p" * (FAST_MAX + 100), "scanned": PAD}
+
+# Bodies over FAST_MAX bytes that are invalid before their top-level "model" key: the
+# tail regex vouches only for what follows the key, so they go on, unchanged, to the
+# backend of the model the key names, whose own parser refuses them.
+PREFIX_LEFT_TO_BACKEND = {
+    '{{pad}"messages":["unterminated],"model":"chat-small"}': "chat-small",
+    '{{pad}"messages":[{"a":1}},"model":"chat-small"}': "chat-small",
+    '{{pad}"messages":[],"model":"chat-small"} {"model":"chat-large"}': "chat-large",
+}
+# Likewise the tail regex checks where strings end, not their escapes or raw control
+# characters; the backend's parser does.
+STRING_LEFT_TO_BACKEND = {
+    '{{pad}"model":"chat-small","a":"\\x41"}',
+    '{{pad}"model":"chat-small","a":"\\u12"}',
+    '{{pad}"model":"chat-small","a":"raw\ttab"}',
+}
 
 
 @pytest.mark.parametrize("size", ["fast", "parsed", "scanned"])
@@ -480,6 +513,8 @@ def test_top_level_model(gateway: Gateway, template: str, expected: str, size: s
     raw = text.encode()
     assert {"fast": len(raw) <= FAST_MAX, "parsed": FAST_MAX < len(raw) <= PARSE_MAX,
             "scanned": len(raw) > PARSE_MAX}[size]
+    if size != "fast":
+        expected = PREFIX_LEFT_TO_BACKEND.get(template, expected)
     reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
     if expected in ("chat-small", "chat-large"):
         # The backend may refuse these odd bodies itself; what matters is where they went, unchanged.
@@ -507,7 +542,13 @@ def test_dense_large_body_falls_back_to_full_parse(gateway: Gateway) -> None:
 def test_invalid_json_never_reaches_a_backend(gateway: Gateway, template: str, size: str) -> None:
     pad = f'"pad":"{PAD_FOR[size]}",' if size != "fast" else ""
     raw = template.replace("{pad}", pad).encode()
-    assert_error(gateway.request("POST", "/v1/chat/completions", raw=raw), 400, "invalid_body")
+    reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
+    if size != "fast" and template in STRING_LEFT_TO_BACKEND:
+        got = served_by(gateway)
+        assert [r["body_sha256"] for r in got["small-a"] + got["small-b"]] == [hashlib.sha256(raw).hexdigest()]
+        assert_error(reply, 400, "invalid_json")
+        return
+    assert_error(reply, 400, "invalid_body")
     assert all(not rs for rs in served_by(gateway).values())
 
 
@@ -568,12 +609,14 @@ def test_fast_path_routes_without_njs(tmp_path: Path) -> None:
             return reply
 
         plain = json.dumps(chat("chat-small", tools=[{"model": "chat-large"}])).encode()
+        big = json.dumps(chat("chat-small", tools=[{"model": "chat-large"}], pad="p" * FAST_MAX)).encode()
         assert post(plain).status == 200
+        assert post(big).status == 200, "the tail regex routes a big body"
         for njs_only in (b'{"mod\\u0065l":"chat-small"}', b'{"model":"nope"}', b'{"model":"CHAT-SMALL"}',
-                         json.dumps(chat("chat-small", pad="p" * FAST_MAX)).encode()):
+                         big[:-1] + b',"mod\\u0065l":"x"}'):
             reply = post(njs_only)
             assert reply.status == 500 and b"njs was asked" in reply.body, njs_only[:60]
-        assert len(backend.requests()) == 1
+        assert len(backend.requests()) == 2
     finally:
         stop(proc)
         stop(backend.proc)
@@ -744,9 +787,27 @@ def test_request_id_kept_or_made_and_logged(gateway: Gateway) -> None:
     reply = gateway.request("POST", "/v1/chat/completions", chat("chat-large"),
                             headers={"X-Request-ID": "bad id\" with junk"})
     made = reply.headers["X-Request-ID"]
-    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    # gateway_request_id: sequence, with the tag render_gateway passes.
+    assert re.fullmatch(r"0123abcd-[0-9]+\.[0-9]{3}-[0-9]+-[0-9]+", made), made
     assert gateway.backends["large"].requests()[-1]["request_id"] == made
-    assert re.fullmatch(r"[0-9a-f]{32}", gateway.request("GET", "/v1/nothing").headers["X-Request-ID"])
+    others = {gateway.request("GET", "/v1/nothing").headers["X-Request-ID"] for _ in range(5)}
+    assert len(others | {made}) == 6, "every request gets its own id"
+
+
+def test_random_request_ids_are_nginx_request_id(tmp_path: Path) -> None:
+    """gateway_request_id: random hands the choice to nginx's $request_id (32 hex digits)."""
+    conf = render_gateway(tmp_path, routes_for([route("chat-small", "llm_chat_small", "/v1", ["chat"], [])]),
+                          [Upstream("llm_chat_small", "chat-small", ["127.0.0.1:9"])], ["chat-small"],
+                          gateway_http_port=(port := free_port()), gateway_https_port=0, gateway_request_id="random")
+    proc = start_nginx(conf, port)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/v1/nothing")
+        made = conn.getresponse().headers["X-Request-ID"]
+        conn.close()
+    finally:
+        stop(proc)
+    assert re.fullmatch(r"[0-9a-f]{32}", made), made
 
 
 def test_access_log_is_json_per_request(gateway: Gateway) -> None:
