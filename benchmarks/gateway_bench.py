@@ -100,6 +100,8 @@ def backend_conf(root: Path, port: int, decoy_port: int) -> Path:
     return write_nginx_conf(root, f"""
     access_log off;
     client_max_body_size {MAX_BODY};
+    # What an OpenAI-compatible backend answers with.
+    default_type application/json;
     server {{
         listen 127.0.0.1:{port};
         location / {{ return 200 '{{"id":"cmpl-1","object":"chat.completion","choices":[]}}'; }}

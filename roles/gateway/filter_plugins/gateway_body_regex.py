@@ -57,15 +57,16 @@ def _value_groups(string: str, max_depth: int) -> tuple[str, str]:
 
     Group 1 is a string (keys call it), group 2 a scalar value, group k+2 a value at most k
     levels deep. Keys call the string group rather than repeat it: nginx refuses a
-    parameter over 4 KB.
+    parameter over 4 KB. A container is tried before the scalar call: its first character
+    fails fast, a call does not.
     """
     groups = "(" + string + ")(" + string + "|" + NUMBER + "|true|false|null)"
     for depth in range(1, max_depth + 1):
         inner = f"(?{depth + 1})"
         member = "(?1)" + WS + ":" + WS + inner
-        groups += ("((?2)"
-                   + r"|\{" + WS + "(?:" + member + "(?:" + WS + "," + WS + member + ")*+)?+" + WS + r"\}"
-                   + r"|\[" + WS + "(?:" + inner + "(?:" + WS + "," + WS + inner + ")*+)?+" + WS + r"\])")
+        groups += ("(" + r"\{" + WS + "(?:" + member + "(?:" + WS + "," + WS + member + ")*+)?+" + WS + r"\}"
+                   + r"|\[" + WS + "(?:" + inner + "(?:" + WS + "," + WS + inner + ")*+)?+" + WS + r"\]"
+                   + "|(?2))")
     return groups, f"(?{max_depth + 2})"
 
 
@@ -87,17 +88,6 @@ def llm_body_regex(part: str, max_depth: int = 16) -> str:
     raise AnsibleFilterError(f"llm_body_regex: part must be 'whole' or 'tail', not {part!r}")
 
 
-def llm_exact_names_regex(names: list[str]) -> str:
-    """An anchored regex that matches exactly these names, case-sensitively."""
-    if not names:
-        raise AnsibleFilterError("llm_exact_names_regex: no names")
-
-    def escape(name: str) -> str:
-        return "".join(c if c.isascii() and c.isalnum() else f"\\x{ord(c):02x}" for c in name)
-
-    return r"\A(?:" + "|".join(escape(name) for name in sorted(names)) + r")\z"
-
-
 def llm_fast_route_names(routes: dict[str, Any], upstream: str | None = None) -> list[str]:
     """Names nginx may route by itself (of one upstream, if given).
 
@@ -116,5 +106,4 @@ class FilterModule:
 
     def filters(self) -> dict[str, Callable[..., Any]]:
         """Map filter names to functions."""
-        return {"llm_body_regex": llm_body_regex, "llm_exact_names_regex": llm_exact_names_regex,
-                "llm_fast_route_names": llm_fast_route_names}
+        return {"llm_body_regex": llm_body_regex, "llm_fast_route_names": llm_fast_route_names}
