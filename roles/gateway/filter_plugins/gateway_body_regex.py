@@ -84,7 +84,10 @@ def llm_body_regex(part: str, max_depth: int = 16) -> str:
     if part == "tail":
         groups, value = _value_groups(BOUNDARY_STRING, max_depth)
         rest = "(?:" + WS + "," + WS + OTHER_PLAIN_KEY + WS + ":" + WS + value + ")*+"
-        return "(?(DEFINE)" + groups + ")" + r"(?<=[{,\s])" + model + rest + WS + r"\}" + WS + r"\z"
+        # The key first, its left neighbour checked after: PCRE then searches for the
+        # two-character start '"m' with SIMD instead of trying every quote.
+        model = r'"model"(?<=[{,\s]"model")' + WS + ":" + WS + PLAIN_NAME
+        return "(?(DEFINE)" + groups + ")" + model + rest + WS + r"\}" + WS + r"\z"
     raise AnsibleFilterError(f"llm_body_regex: part must be 'whole' or 'tail', not {part!r}")
 
 
