@@ -572,6 +572,46 @@ def test_deep_nesting_never_takes_a_nested_model(gateway: Gateway, depth: int, n
     assert "pcre" not in (gateway.root / "logs" / "error.log").read_text().lower()
 
 
+@pytest.mark.parametrize("where", ["after", "inside"])
+def test_big_body_with_many_nested_models(gateway: Gateway, where: str) -> None:
+    """Hundreds of nested "model" keys, each a candidate for the tail regex: only the top-level one routes."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "model": "chat-large",
+                                               "parameters": {"properties": {"model": {"type": "string"}}}}}
+             for i in range(400)]
+    body: dict[str, Any] = {"model": "chat-small", "tools": tools} if where == "after" else {
+        "tools": tools, "messages": [{"role": "user", "content": "hi", "model": "chat-large"}], "model": "chat-small"}
+    raw = json.dumps(body).encode()
+    assert len(raw) > PARSE_MAX
+    reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
+    got = served_by(gateway)
+    assert got["large"] == []
+    assert [r["body_sha256"] for r in got["small-a"] + got["small-b"]] == [hashlib.sha256(raw).hexdigest()], \
+        reply.body[:300]
+    assert "pcre" not in (gateway.root / "logs" / "error.log").read_text().lower()
+
+
+def test_big_dense_body_after_the_model_key(gateway: Gateway) -> None:
+    """An embeddings request of 200,000 token ids after "model": one long walk, within PCRE's stack."""
+    raw = json.dumps({"model": "embed-small", "input": list(range(200_000))}).encode()
+    reply = gateway.request("POST", "/v1/embeddings", raw=raw)
+    assert reply.status == 200, reply.body[:300]
+    assert gateway.backends["embed"].requests()[-1]["body_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert "pcre" not in (gateway.root / "logs" / "error.log").read_text().lower()
+
+
+@pytest.mark.parametrize("nested", ["[", '{"a":'])
+def test_deep_nesting_in_a_big_body(gateway: Gateway, nested: str) -> None:
+    """Deeper than the tail regex's bound after the key: njs decides, never the nested decoy."""
+    close = "]" if nested == "[" else "}"
+    raw = ('{"pad":"' + "p" * PARSE_MAX + '","model":"chat-small","a":' + nested * 30
+           + '{"model":"chat-large"}' + close * 30 + "}").encode()
+    reply = gateway.request("POST", "/v1/chat/completions", raw=raw)
+    got = served_by(gateway)
+    assert got["large"] == []
+    assert [r["body_sha256"] for r in got["small-a"] + got["small-b"]] == [hashlib.sha256(raw).hexdigest()], \
+        reply.body[:300]
+
+
 def test_chunked_body_is_routed_by_njs(gateway: Gateway) -> None:
     """No Content-Length: the fast path does not apply; the answer is the same."""
     conn = gateway.connect()
