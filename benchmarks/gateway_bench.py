@@ -8,18 +8,21 @@ Starts, on 127.0.0.1 high ports:
              (keepalive, buffers, buffering off), minus the routing;
   - gateway: the role's own templates and router.js, rendered as in the unit tests.
 Then drives each with wrk (POST, one connection pool, fixed duration) for bodies of 400 B,
-100 KB and 1 MB. Each body carries a nested "model" naming the decoy in a tool schema
+100 KB and 1 MB. With two CPUs or more, the proxy under test runs on CPU 0 and wrk and the
+backend on CPU 1, so that what is measured is the proxy's own cost, not how the scheduler
+shares two cores among three busy processes. Each body carries a nested "model" naming the decoy in a tool schema
 before the top-level one, so a router that picked the nested key would get 409s (counted
 as errors). Rounds alternate direct/plain/gateway so background load hits all alike;
 the table shows the median round. Every number printed is measured in this run.
 
-    benchmarks/gateway_bench.py [--duration 5] [--rounds 3] [--connections 16]
+    benchmarks/gateway_bench.py [--duration 4] [--rounds 5] [--connections 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -46,6 +49,10 @@ from test_gateway_router import (  # noqa: E402 - the shared harness lives with 
 )
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+# The proxy under test on one CPU, the load generator and the backend on another.
+CPUS = sorted(os.sched_getaffinity(0))
+PINNED = len(CPUS) >= 2
+PROXY_CPUS, LOAD_CPUS = ({CPUS[0]}, {CPUS[1]}) if PINNED else (None, None)
 SIZES = {"400 B": 400, "100 KB": 100 * 1024, "1 MB": 1024 * 1024}
 MAX_BODY = "16m"
 
@@ -140,11 +147,21 @@ class Result:
     errors: int
 
 
+def pin(proc: subprocess.Popen[bytes], cpus: set[int] | None) -> subprocess.Popen[bytes]:
+    """Move an nginx master and its workers onto `cpus` (when pinning)."""
+    if cpus is not None:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in [proc.pid, *map(int, children)]:
+            os.sched_setaffinity(pid, cpus)
+    return proc
+
+
 def run_wrk(url: str, body: Path, script: Path, duration: int, connections: int) -> Result:
-    """wrk with one thread (the other core serves), parsed from the script's done() line."""
+    """wrk with one thread, parsed from the script's done() line."""
     out = subprocess.run([WRK, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
                          capture_output=True, text=True, check=True,
-                         env={"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin"}).stdout
+                         env={"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin"},
+                         preexec_fn=(lambda: os.sched_setaffinity(0, LOAD_CPUS)) if PINNED else None).stdout
     line = next(raw for raw in out.splitlines() if raw.startswith("BENCH "))
     data = json.loads(line[len("BENCH "):])
     return Result(rps=data["requests"] / (data["duration_us"] / 1e6), p50_ms=data["p50_us"] / 1000,
@@ -169,8 +186,8 @@ def median_result(results: list[Result]) -> Result:
 def main() -> int:
     """Start everything, measure, print the table, stop what was started."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per size (default 3)")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (default 4)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per size (default 5)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
                         help="body sizes to measure (default: all)")
@@ -184,8 +201,10 @@ def main() -> int:
     ports = {name: free_port() for name in ("backend", "decoy", "plain", "gateway")}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(start_nginx(backend_conf(work / "backend", ports["backend"], ports["decoy"]), ports["backend"]))
-        procs.append(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"]))
+        procs.append(pin(start_nginx(backend_conf(work / "backend", ports["backend"], ports["decoy"]),
+                                     ports["backend"]), LOAD_CPUS))
+        procs.append(pin(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"]),
+                         PROXY_CPUS))
         entries = [route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], []),
                    route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], [])]
         upstreams = [Upstream("llm_chat_large", "chat-large", [f"127.0.0.1:{ports['decoy']}"]),
@@ -193,7 +212,7 @@ def main() -> int:
         conf = render_gateway(work / "gateway", routes_for(entries), upstreams, ["chat-small", "chat-large"],
                               gateway_http_port=ports["gateway"], gateway_https_port=0,
                               gateway_client_max_body_size=MAX_BODY)
-        procs.append(start_nginx(conf, ports["gateway"]))
+        procs.append(pin(start_nginx(conf, ports["gateway"]), PROXY_CPUS))
 
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT)
@@ -203,7 +222,8 @@ def main() -> int:
             "gateway": f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions",
         }
         print(f"nginx: {subprocess.run([NGINX, '-v'], capture_output=True, text=True).stderr.strip()}; "
-              f"njs module: {NJS_MODULE}; {args.rounds} rounds x {args.duration}s, {args.connections} connections")
+              f"njs module: {NJS_MODULE}; {args.rounds} rounds x {args.duration}s, {args.connections} connections; "
+              + (f"proxy on CPU {CPUS[0]}, wrk and backend on CPU {CPUS[1]}" if PINNED else "one CPU: nothing pinned"))
         rows = []
         for label in args.sizes:
             size = SIZES[label]
