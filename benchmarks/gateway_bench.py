@@ -42,6 +42,7 @@ from test_gateway_router import (  # noqa: E402 - the shared harness lives with 
     free_port,
     nginx_missing,
     render_gateway,
+    role_defaults,
     route,
     routes_for,
     start_nginx,
@@ -203,8 +204,10 @@ def main() -> int:
     try:
         procs.append(pin(start_nginx(backend_conf(work / "backend", ports["backend"], ports["decoy"]),
                                      ports["backend"]), LOAD_CPUS))
-        procs.append(pin(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"]),
-                         PROXY_CPUS))
+        # Both proxies run with the environment the gateway role gives nginx.service.
+        heap = {"MALLOC_TOP_PAD_": str(role_defaults()["gateway_malloc_top_pad"])}
+        procs.append(pin(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"],
+                                     heap), PROXY_CPUS))
         entries = [route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], []),
                    route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], [])]
         upstreams = [Upstream("llm_chat_large", "chat-large", [f"127.0.0.1:{ports['decoy']}"]),
@@ -212,7 +215,7 @@ def main() -> int:
         conf = render_gateway(work / "gateway", routes_for(entries), upstreams, ["chat-small", "chat-large"],
                               gateway_http_port=ports["gateway"], gateway_https_port=0,
                               gateway_client_max_body_size=MAX_BODY)
-        procs.append(pin(start_nginx(conf, ports["gateway"]), PROXY_CPUS))
+        procs.append(pin(start_nginx(conf, ports["gateway"], heap), PROXY_CPUS))
 
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT)

@@ -177,13 +177,16 @@ def nginx_test(conf: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([NGINX, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True)
 
 
-def start_nginx(conf: Path, port: int) -> subprocess.Popen[bytes]:
-    """nginx in the foreground (our child, so we stop exactly it), once it listens on `port`."""
+def start_nginx(conf: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """nginx in the foreground (our child, so we stop exactly it), once it listens on `port`.
+
+    `env` is added to the environment (the role sets MALLOC_TOP_PAD_ for nginx.service).
+    """
     check = nginx_test(conf)
     if check.returncode != 0:
         raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
     proc = subprocess.Popen([NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"],
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     wait_for_port(port, proc)
     return proc
 

@@ -21,6 +21,18 @@ def test_nginx_runs_and_its_configuration_checks(host):
     assert host.run("nginx -t").rc == 0
 
 
+def test_nginx_processes_keep_freed_heap(host):
+    """The drop-in's MALLOC_TOP_PAD_ reached the running master and its workers (read at start)."""
+    dropin = host.file("/etc/systemd/system/nginx.service.d/llm-gateway-malloc.conf")
+    assert dropin.exists and (dropin.user, dropin.mode) == ("root", 0o644)
+    assert "Environment=MALLOC_TOP_PAD_=33554432" in dropin.content_string
+    pids = host.check_output("pgrep -x nginx").split()
+    assert len(pids) >= 2, "a master and at least one worker"
+    for pid in pids:
+        environ = host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ")
+        assert "MALLOC_TOP_PAD_=33554432" in environ.splitlines(), pid
+
+
 def test_gateway_listens_on_http_and_https(host):
     assert host.socket("tcp://0.0.0.0:80").is_listening
     assert host.socket("tcp://0.0.0.0:443").is_listening
