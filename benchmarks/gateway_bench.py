@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput of the gateway's njs router against a plain nginx proxy_pass, on loopback.
+"""Throughput of the gateway's routing against a plain nginx proxy_pass, on loopback.
 
 Starts, on 127.0.0.1 high ports:
   - backend: a tiny nginx answering every request with a fixed JSON (the fastest fair
@@ -8,12 +8,13 @@ Starts, on 127.0.0.1 high ports:
              (keepalive, buffers, buffering off), minus the routing;
   - gateway: the role's own templates and router.js, rendered as in the unit tests.
 Then drives each with wrk (POST, one connection pool, fixed duration) for bodies of 400 B,
-100 KB and 1 MB. With two CPUs or more, the proxy under test runs on CPU 0 and wrk and the
-backend on CPU 1, so that what is measured is the proxy's own cost, not how the scheduler
-shares two cores among three busy processes. Each body carries a nested "model" naming the decoy in a tool schema
-before the top-level one, so a router that picked the nested key would get 409s (counted
-as errors). Rounds alternate direct/plain/gateway so background load hits all alike;
-the table shows the median round. Every number printed is measured in this run.
+100 KB and 1 MB, with the top-level "model" last and, for the big ones, first. Each body
+carries a nested "model" naming the decoy in a tool schema, so a router that picked the
+nested key would get 409s (counted as errors). With two CPUs or more, the proxy under test
+runs on the first and wrk and the backend on the second: what is measured is the proxy's
+own cost, not how the scheduler shares two cores among three busy processes. Rounds
+alternate direct/plain/gateway so background load hits all alike; the table shows the
+median round. Every number printed is measured in this run.
 
     benchmarks/gateway_bench.py [--duration 4] [--rounds 5] [--connections 16]
 """
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +56,10 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 CPUS = sorted(os.sched_getaffinity(0))
 PINNED = len(CPUS) >= 2
 PROXY_CPUS, LOAD_CPUS = ({CPUS[0]}, {CPUS[1]}) if PINNED else (None, None)
-SIZES = {"400 B": 400, "100 KB": 100 * 1024, "1 MB": 1024 * 1024}
+# label -> (bytes, whether the top-level "model" comes first). SDKs such as openai-python send
+# it after "messages" (last here); hand-written requests often put it first.
+SIZES = {"400 B": (400, False), "100 KB": (100 * 1024, False), "1 MB": (1024 * 1024, False),
+         "100 KB, model first": (100 * 1024, True), "1 MB, model first": (1024 * 1024, True)}
 MAX_BODY = "16m"
 
 WRK_SCRIPT = """
@@ -72,15 +77,17 @@ end
 """
 
 
-def body_of_size(size: int) -> bytes:
-    """A chat request of about `size` bytes: a tool schema with a nested decoy "model" first, the real one last."""
-    body = {
-        "tools": [{"type": "function", "function": {
-            "name": "pick", "parameters": {"type": "object", "properties": {"model": {"type": "string"}}},
-            "model": "chat-large"}}],
-        "messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": ""}],
-        "model": "chat-small",
-    }
+def body_of_size(size: int, model_first: bool = False) -> bytes:
+    """A chat request of about `size` bytes with a nested decoy "model" in a tool schema.
+
+    The top-level "model" comes last (after the decoy and the prompt), or first.
+    """
+    body: dict[str, Any] = {"model": "chat-small"} if model_first else {}
+    body["tools"] = [{"type": "function", "function": {
+        "name": "pick", "parameters": {"type": "object", "properties": {"model": {"type": "string"}}},
+        "model": "chat-large"}}]
+    body["messages"] = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": ""}]
+    body["model"] = "chat-small"
     base = len(json.dumps(body))
     body["messages"][1]["content"] = ("lorem ipsum dolor sit amet " * (size // 27 + 1))[:max(size - base, 1)]
     return json.dumps(body).encode()
@@ -229,9 +236,9 @@ def main() -> int:
               + (f"proxy on CPU {CPUS[0]}, wrk and backend on CPU {CPUS[1]}" if PINNED else "one CPU: nothing pinned"))
         rows = []
         for label in args.sizes:
-            size = SIZES[label]
-            body = work / f"body-{size}.json"
-            body.write_bytes(body_of_size(size))
+            size, model_first = SIZES[label]
+            body = work / f"body-{size}-{int(model_first)}.json"
+            body.write_bytes(body_of_size(size, model_first))
             check_route(targets["gateway"], body.read_bytes())
             runs: dict[str, list[Result]] = {name: [] for name in targets}
             for _ in range(args.rounds):
@@ -241,12 +248,12 @@ def main() -> int:
             ratios = [g.rps / p.rps for g, p in zip(runs["gateway"], runs["plain"])]
             rows.append((label, len(body.read_bytes()), best, statistics.median(ratios)))
 
-        print(f"\n{'body':>7} {'bytes':>8} | {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        print(f"\n{'body':>19} {'bytes':>8} | {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
               f" | gateway/plain")
         for label, nbytes, best, ratio in rows:
             for name, result in best.items():
                 share = f"{ratio:6.1%} (median of rounds)" if name == "gateway" else ""
-                print(f"{label:>7} {nbytes:>8} | {name:<8} {result.rps:9.0f} {result.p50_ms:8.2f} "
+                print(f"{label:>19} {nbytes:>8} | {name:<8} {result.rps:9.0f} {result.p50_ms:8.2f} "
                       f"{result.p99_ms:8.2f} {result.errors:6d} | {share}")
         return 0
     finally:
