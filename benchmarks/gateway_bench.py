@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,13 +155,19 @@ class Result:
     errors: int
 
 
-def pin(proc: subprocess.Popen[bytes], cpus: set[int] | None) -> subprocess.Popen[bytes]:
-    """Move an nginx master and its workers onto `cpus` (when pinning)."""
-    if cpus is not None:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        for pid in [proc.pid, *map(int, children)]:
-            os.sched_setaffinity(pid, cpus)
-    return proc
+def on_cpus(cpus: set[int] | None, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Start an nginx (master and workers inherit this process's CPUs) on `cpus`, when pinning.
+
+    Its workers run as another user, whose affinity only CAP_SYS_NICE could change later.
+    """
+    if cpus is None:
+        return start()
+    everything = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        return start()
+    finally:
+        os.sched_setaffinity(0, everything)
 
 
 def run_wrk(url: str, body: Path, script: Path, duration: int, connections: int) -> Result:
@@ -209,12 +215,12 @@ def main() -> int:
     ports = {name: free_port() for name in ("backend", "decoy", "plain", "gateway")}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(pin(start_nginx(backend_conf(work / "backend", ports["backend"], ports["decoy"]),
-                                     ports["backend"]), LOAD_CPUS))
+        procs.append(on_cpus(LOAD_CPUS, lambda: start_nginx(
+            backend_conf(work / "backend", ports["backend"], ports["decoy"]), ports["backend"])))
         # Both proxies run with the environment the gateway role gives nginx.service.
         heap = {"MALLOC_TOP_PAD_": str(role_defaults()["gateway_malloc_top_pad"])}
-        procs.append(pin(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"],
-                                     heap), PROXY_CPUS))
+        procs.append(on_cpus(PROXY_CPUS, lambda: start_nginx(
+            plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"], heap)))
         entries = [route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], []),
                    route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], [])]
         upstreams = [Upstream("llm_chat_large", "chat-large", [f"127.0.0.1:{ports['decoy']}"]),
@@ -222,7 +228,7 @@ def main() -> int:
         conf = render_gateway(work / "gateway", routes_for(entries), upstreams, ["chat-small", "chat-large"],
                               gateway_http_port=ports["gateway"], gateway_https_port=0,
                               gateway_client_max_body_size=MAX_BODY)
-        procs.append(pin(start_nginx(conf, ports["gateway"], heap), PROXY_CPUS))
+        procs.append(on_cpus(PROXY_CPUS, lambda: start_nginx(conf, ports["gateway"], heap)))
 
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT)
