@@ -665,6 +665,37 @@ def test_fast_path_routes_without_njs(tmp_path: Path) -> None:
         stop(backend.proc)
 
 
+def test_names_with_slashes_colons_and_dots_route_without_njs(tmp_path: Path) -> None:
+    """Every character the registry allows in a name works in nginx's maps and location names."""
+    reason = nginx_missing()
+    if reason:
+        pytest.skip(reason)
+    names = ["Qwen/Qwen2.5-7B-Instruct", "qwen:7b.v1"]
+    backend = start_backend(names, api_prefix="")
+    conf = render_gateway(tmp_path, routes_for([route(names[0], "llm_qwen", "", ["chat"], names[1:])]),
+                          [Upstream("llm_qwen", names[0], [backend.address])], names[:1],
+                          gateway_http_port=(port := free_port()), gateway_https_port=0)
+    router = tmp_path / "llm" / "router.js"
+    router.write_text(router.read_text().replace(
+        "function route(r) {", "function route(r) {\n    return sendError(r, 500, 'njs was asked', 'server_error');", 1))
+    proc = start_nginx(conf, port)
+    try:
+        for name in names:
+            for pad in ("", "p" * FAST_MAX):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", "/v1/chat/completions?trace=1", body=json.dumps(chat(name, pad=pad)),
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                assert resp.status == 200, resp.read()[:200]
+                resp.read()
+                conn.close()
+        # The empty API prefix (Infinity's): /v1/chat/completions -> /chat/completions.
+        assert {(r["path"], r["model"]) for r in backend.requests()} == {("/chat/completions", name) for name in names}
+    finally:
+        stop(proc)
+        stop(backend.proc)
+
+
 # ---------------------------------------------------------------- errors
 
 
