@@ -130,7 +130,7 @@ class Upstream:
 
 def render_gateway(root: Path, routes: dict[str, Any], upstreams: list[Upstream], models: list[str],
                    **overrides: Any) -> Path:
-    """Render nginx.conf, gateway.conf, upstreams.conf and routes.js as the role does; return nginx.conf.
+    """Render nginx.conf, gateway.conf (with the upstreams) and routes.js as the role does; return nginx.conf.
 
     Paths that the role points at /etc/nginx and /var/log/nginx go under `root` instead.
     """
@@ -160,7 +160,6 @@ def render_gateway(root: Path, routes: dict[str, Any], upstreams: list[Upstream]
     }
     env = _template_env()
     for template, target in (("nginx.conf.j2", root / "nginx.conf"), ("gateway.conf.j2", conf_dir / "gateway.conf"),
-                             ("upstreams.conf.j2", conf_dir / "upstreams.conf"),
                              ("routes.js.j2", conf_dir / "routes.js")):
         target.write_text(env.get_template(template).render(values))
     shutil.copy(ROLE / "files" / "router.js", conf_dir / "router.js")

@@ -47,7 +47,8 @@ def test_debian_default_site_is_gone(host):
 
 
 def test_router_files_are_root_owned_and_not_writable_by_nginx(host):
-    for name in ("router.js", "routes.js", "upstreams.conf", "gateway.conf"):
+    assert not host.file("/etc/nginx/llm/upstreams.conf").exists, "the upstreams are in gateway.conf"
+    for name in ("router.js", "routes.js", "gateway.conf"):
         config = host.file(f"/etc/nginx/llm/{name}")
         assert config.exists, name
         assert (config.user, config.group, config.mode) == ("root", "root", 0o644), name
