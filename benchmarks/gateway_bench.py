@@ -30,9 +30,10 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "unit"))

@@ -6,26 +6,14 @@ text nginx gets, and the names nginx may route by itself.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 from ansible.errors import AnsibleFilterError
+from test_gateway_router import gateway_regex_plugin
 
-PLUGIN = Path(__file__).resolve().parents[2] / "roles" / "gateway" / "filter_plugins" / "gateway_body_regex.py"
-
-
-def _plugin() -> Any:
-    spec = importlib.util.spec_from_file_location("gateway_body_regex", PLUGIN)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plugin = _plugin()
+plugin = gateway_regex_plugin()
 
 
 @pytest.mark.parametrize("part", ["whole", "tail"])
