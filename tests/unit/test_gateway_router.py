@@ -912,3 +912,28 @@ def test_access_log_is_json_per_request(gateway: Gateway) -> None:
     assert streamed["upstream_addr"] in {b.address for b in gateway.backends.values()}
     assert streamed["api_key_id"] == "" and streamed["bytes_in"] > 0 and streamed["bytes_out"] > 0
     assert entries["log-404-1"]["status"] == 404 and entries["log-404-1"]["stream"] is False
+
+
+def test_access_log_stays_json_whatever_the_client_sends(gateway: Gateway) -> None:
+    """Routed requests log without escaping (nothing in them can need it); the rest escape.
+
+    Names with a quote, a backslash or a control character never reach @model_<name>, and a
+    name that differs in case leaves it for njs through the escaping log.
+    """
+    sent = {"log-routed-1": "chat-small", "log-quote-1": 'nope"}, "x": "', "log-backslash-1": "no\\pe",
+            "log-control-1": "no\u0001pe", "log-case-1": "CHAT-SMALL"}
+    for request_id, model in sent.items():
+        gateway.request("POST", "/v1/chat/completions", chat(model), headers={"X-Request-ID": request_id})
+    gateway.request("POST", '/v1/chat/completions?"}{"x', chat("chat-small"), headers={"X-Request-ID": "log-query-1"})
+    deadline = time.monotonic() + 5
+    while True:
+        # Every line must parse: one unescaped quote would break the line it is in.
+        entries = {e["request_id"]: e for e in gateway.access_log()}
+        if {*sent, "log-query-1"} <= set(entries) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert entries["log-routed-1"]["status"] == 200 and entries["log-routed-1"]["upstream"] == "llm_chat_small"
+    assert entries["log-query-1"]["status"] == 200 and entries["log-query-1"]["path"] == "/v1/chat/completions"
+    for request_id in ("log-quote-1", "log-backslash-1", "log-control-1", "log-case-1"):
+        assert entries[request_id]["status"] == 404, request_id
+        assert entries[request_id]["model_requested"] == sent[request_id], request_id
