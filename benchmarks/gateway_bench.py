@@ -12,9 +12,15 @@ Then drives each with wrk (POST, one connection pool, fixed duration) for bodies
 carries a nested "model" naming the decoy in a tool schema, so a router that picked the
 nested key would get 409s (counted as errors). With two CPUs or more, the proxy under test
 runs on the first and wrk and the backend on the second: what is measured is the proxy's
-own cost, not how the scheduler shares two cores among three busy processes. Rounds
-alternate direct/plain/gateway so background load hits all alike; the table shows the
-median round. Every number printed is measured in this run.
+own cost, not how the scheduler shares two cores among three busy processes. Rounds run
+direct/plain/gateway and then the reverse order, so that a drift in the machine's speed
+falls on all alike; the table shows the median round.
+
+A virtual machine's speed also changes from one second to the next, more than the routing
+costs. So the script also loads plain and gateway at the same time, both on the proxies'
+CPU, each with its own wrk: the scheduler gives each worker half of that CPU, and the ratio
+of their req/s is the ratio of their costs per request, measured in the same seconds
+("same CPU" column). Every number printed is measured in this run.
 
     benchmarks/gateway_bench.py [--duration 4] [--rounds 5] [--connections 16]
 """
@@ -171,12 +177,18 @@ def on_cpus(cpus: set[int] | None, start: Callable[[], subprocess.Popen[bytes]])
         os.sched_setaffinity(0, everything)
 
 
-def run_wrk(url: str, body: Path, script: Path, duration: int, connections: int) -> Result:
-    """wrk with one thread, parsed from the script's done() line."""
-    out = subprocess.run([WRK, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
-                         capture_output=True, text=True, check=True,
-                         env={"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin"},
-                         preexec_fn=(lambda: os.sched_setaffinity(0, LOAD_CPUS)) if PINNED else None).stdout
+def start_wrk(url: str, body: Path, script: Path, duration: int, connections: int) -> subprocess.Popen[str]:
+    """wrk with one thread on the load CPU, running."""
+    return subprocess.Popen([WRK, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
+                            stdout=subprocess.PIPE, text=True, env={"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin"},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, LOAD_CPUS)) if PINNED else None)
+
+
+def wrk_result(proc: subprocess.Popen[str]) -> Result:
+    """Wait for a wrk started by start_wrk and parse its script's done() line."""
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exited with {proc.returncode}")
     line = next(raw for raw in out.splitlines() if raw.startswith("BENCH "))
     data = json.loads(line[len("BENCH "):])
     return Result(rps=data["requests"] / (data["duration_us"] / 1e6), p50_ms=data["p50_us"] / 1000,
@@ -248,18 +260,28 @@ def main() -> int:
             body.write_bytes(body_of_size(size, model_first))
             check_route(targets["gateway"], body.read_bytes())
             runs: dict[str, list[Result]] = {name: [] for name in targets}
-            for _ in range(args.rounds):
-                for name, url in targets.items():
-                    runs[name].append(run_wrk(url, body, script, args.duration, args.connections))
+            shared: list[float] = []
+            for round_no in range(args.rounds):
+                order = list(targets) if round_no % 2 == 0 else list(reversed(targets))
+                for name in order:
+                    runs[name].append(wrk_result(start_wrk(targets[name], body, script, args.duration,
+                                                           args.connections)))
+                together = [start_wrk(targets[name], body, script, args.duration, args.connections)
+                            for name in ("plain", "gateway")]
+                plain_share, gateway_share = (wrk_result(proc) for proc in together)
+                shared.append(gateway_share.rps / plain_share.rps)
+                # A wrong route is an error wherever it happens.
+                runs["gateway"][-1].errors += gateway_share.errors
             best = {name: median_result(results) for name, results in runs.items()}
             ratios = [g.rps / p.rps for g, p in zip(runs["gateway"], runs["plain"])]
-            rows.append((label, len(body.read_bytes()), best, statistics.median(ratios)))
+            rows.append((label, len(body.read_bytes()), best, statistics.median(ratios), shared))
 
         print(f"\n{'body':>19} {'bytes':>8} | {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
-              f" | gateway/plain")
-        for label, nbytes, best, ratio in rows:
+              f" | gateway/plain: alone, same CPU (median; lowest-highest)")
+        for label, nbytes, best, ratio, shared in rows:
             for name, result in best.items():
-                share = f"{ratio:6.1%} (median of rounds)" if name == "gateway" else ""
+                share = (f"{ratio:6.1%}, {statistics.median(shared):6.1%} ({min(shared):.1%}-{max(shared):.1%})"
+                         if name == "gateway" else "")
                 print(f"{label:>19} {nbytes:>8} | {name:<8} {result.rps:9.0f} {result.p50_ms:8.2f} "
                       f"{result.p99_ms:8.2f} {result.errors:6d} | {share}")
         return 0
