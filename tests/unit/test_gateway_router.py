@@ -768,6 +768,41 @@ def test_upstream_timeout_is_504_json(gateway: Gateway) -> None:
     assert len(gateway.backends["large"].requests()) == 1
 
 
+def test_connect_timeout_on_every_server_is_503(tmp_path: Path) -> None:
+    """A server that never accepts (a host gone silent) is unavailable, not slow: 503, not 504.
+
+    The stand-in listens with a backlog of 0 and one connection already queued, so the
+    kernel drops the gateway's SYNs and its connects time out, all on 127.0.0.1.
+    """
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    queued = socket.create_connection(silent.getsockname(), timeout=2)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        with pytest.raises(OSError):
+            socket.create_connection(silent.getsockname(), timeout=0.5).close()
+        conf = render_gateway(tmp_path, routes_for([route("gone-model", "llm_gone_model", "/v1", ["chat"], [])]),
+                              [Upstream("llm_gone_model", "gone-model", [address, address])], ["gone-model"],
+                              gateway_http_port=(port := free_port()), gateway_https_port=0,
+                              gateway_proxy_connect_timeout="1s")
+        proc = start_nginx(conf, port)
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("gone-model")))
+            resp = conn.getresponse()
+            reply = Reply(resp.status, resp.headers, resp.read())
+            conn.close()
+        finally:
+            stop(proc)
+    finally:
+        queued.close()
+        silent.close()
+    error = assert_error(reply, 503, "model_unavailable")
+    assert "gone-model" in error["message"]
+    assert reply.headers["Retry-After"] == "5"
+
+
 def test_backend_error_bodies_pass_through(gateway: Gateway) -> None:
     gateway.backends["large"].control("POST", "/_test/behaviour", {"mode": "fail", "status": 503})
     reply = gateway.request("POST", "/v1/chat/completions", chat("chat-large"))

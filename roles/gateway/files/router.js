@@ -344,9 +344,22 @@ var NGINX_ERRORS = {
     504: ['server_error', 'upstream_timeout', 'The model server did not answer in time.']
 };
 
+/*
+ * True when nginx tried servers and connected to none: $upstream_connect_time lists one
+ * entry per try (", " between servers, " : " between upstreams), "-" for a try that never
+ * connected. A connect timeout is then a model with no reachable server, not a slow one.
+ */
+function neverConnected(r) {
+    var tries = String(r.variables.upstream_connect_time || '').split(/, | : /);
+    return tries[0] !== '' && tries.every(function (time) { return time === '-'; });
+}
+
 /* error_page target: nginx's own errors as OpenAI-shaped JSON, never HTML. */
 function nginxError(r) {
-    var status = Number(r.variables.status) || 500;
+    var status = Number(r.variables.llm_error_status) || Number(r.variables.status) || 500;
+    if (status === 504 && neverConnected(r)) {
+        status = 503;
+    }
     var known = NGINX_ERRORS[status] || NGINX_ERRORS[500];
     var message = known[2];
 
