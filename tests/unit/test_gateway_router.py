@@ -293,6 +293,15 @@ class Gateway:
         path = self.root / "logs" / "llm-access.log"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def logged(self, request_ids: set[str], timeout: float = 5) -> dict[str, dict[str, Any]]:
+        """Request id -> log entry, once all of `request_ids` are in (the log is flushed every second)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = {e["request_id"]: e for e in self.access_log()}
+            if request_ids <= set(entries) or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.2)
+
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
@@ -933,13 +942,7 @@ def test_access_log_is_json_per_request(gateway: Gateway) -> None:
     gateway.request("POST", "/v1/chat/completions", chat("gpt-4o-mini", stream=True),
                     headers={"X-Request-ID": "log-stream-1"})
     gateway.request("POST", "/v1/chat/completions", chat("nope"), headers={"X-Request-ID": "log-404-1"})
-    # The log is buffered and flushed at least once a second.
-    deadline = time.monotonic() + 5
-    while True:
-        entries = {e["request_id"]: e for e in gateway.access_log()}
-        if {"log-stream-1", "log-404-1"} <= set(entries) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    entries = gateway.logged({"log-stream-1", "log-404-1"})
     streamed = entries["log-stream-1"]
     assert streamed["model"] == "chat-small" and streamed["model_requested"] == "gpt-4o-mini"
     assert streamed["stream"] is True and streamed["status"] == 200
@@ -960,13 +963,8 @@ def test_access_log_stays_json_whatever_the_client_sends(gateway: Gateway) -> No
     for request_id, model in sent.items():
         gateway.request("POST", "/v1/chat/completions", chat(model), headers={"X-Request-ID": request_id})
     gateway.request("POST", '/v1/chat/completions?"}{"x', chat("chat-small"), headers={"X-Request-ID": "log-query-1"})
-    deadline = time.monotonic() + 5
-    while True:
-        # Every line must parse: one unescaped quote would break the line it is in.
-        entries = {e["request_id"]: e for e in gateway.access_log()}
-        if {*sent, "log-query-1"} <= set(entries) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # Every line must parse: one unescaped quote would break the line it is in.
+    entries = gateway.logged({*sent, "log-query-1"})
     assert entries["log-routed-1"]["status"] == 200 and entries["log-routed-1"]["upstream"] == "llm_chat_small"
     assert entries["log-query-1"]["status"] == 200 and entries["log-query-1"]["path"] == "/v1/chat/completions"
     for request_id in ("log-quote-1", "log-backslash-1", "log-control-1", "log-case-1"):
