@@ -157,7 +157,6 @@ def render_gateway(root: Path, routes: dict[str, Any], upstreams: list[Upstream]
         "__gateway_upstreams": [vars(u) for u in upstreams],
         "__gateway_models": models,
         "__gateway_request_id_tag": "0123abcd",
-        "__gateway_fast_names": _role_filters()["llm_fast_route_names"](routes),
         "gateway_access_log": str(root / "logs" / "llm-access.log"),
         "gateway_error_log": str(root / "logs" / "error.log"),
         "gateway_include_conf_d": False,
@@ -165,6 +164,8 @@ def render_gateway(root: Path, routes: dict[str, Any], upstreams: list[Upstream]
         "gateway_listen_address": "127.0.0.1",
         **overrides,
     }
+    values.setdefault("__gateway_fast_routes",
+                      _role_filters()["llm_fast_routes"](routes, values["gateway_fast_route_max_depth"]))
     env = _template_env()
     for template, target in (("nginx.conf.j2", root / "nginx.conf"), ("gateway.conf.j2", conf_dir / "gateway.conf"),
                              ("routes.js.j2", conf_dir / "routes.js")):
@@ -648,6 +649,23 @@ def test_chunked_body_is_routed_by_njs(gateway: Gateway) -> None:
     assert gateway.backends["large"].requests()[-1]["body_sha256"] == hashlib.sha256(raw).hexdigest()
 
 
+def refuse_njs_routes(root: Path) -> None:
+    """Make the rendered router.js answer every request it is asked to route with a 500."""
+    router = root / "llm" / "router.js"
+    refuse = "function route(r) {\n    return sendError(r, 500, 'njs was asked', 'server_error');"
+    router.write_text(router.read_text().replace("function route(r) {", refuse, 1))
+
+
+def post_json(port: int, raw: bytes, path: str = "/v1/chat/completions") -> Reply:
+    """One POST on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    reply = Reply(resp.status, resp.headers, resp.read())
+    conn.close()
+    return reply
+
+
 def test_fast_path_routes_without_njs(tmp_path: Path) -> None:
     """With an njs router that refuses everything, only what the fast path cannot answer fails."""
     reason = nginx_missing()
@@ -657,26 +675,16 @@ def test_fast_path_routes_without_njs(tmp_path: Path) -> None:
     conf = render_gateway(tmp_path, routes_for([route("chat-small", "llm_chat_small", "/v1", ["chat"], [])]),
                           [Upstream("llm_chat_small", "chat-small", [backend.address])], ["chat-small"],
                           gateway_http_port=(port := free_port()), gateway_https_port=0)
-    router = tmp_path / "llm" / "router.js"
-    refuse = "function route(r) {\n    return sendError(r, 500, 'njs was asked', 'server_error');"
-    router.write_text(router.read_text().replace("function route(r) {", refuse, 1))
+    refuse_njs_routes(tmp_path)
     proc = start_nginx(conf, port)
     try:
-        def post(raw: bytes) -> Reply:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/v1/chat/completions", body=raw, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            reply = Reply(resp.status, resp.headers, resp.read())
-            conn.close()
-            return reply
-
         plain = json.dumps(chat("chat-small", tools=[{"model": "chat-large"}])).encode()
         big = json.dumps(chat("chat-small", tools=[{"model": "chat-large"}], pad="p" * FAST_MAX)).encode()
-        assert post(plain).status == 200
-        assert post(big).status == 200, "the tail regex routes a big body"
+        assert post_json(port, plain).status == 200
+        assert post_json(port, big).status == 200, "the tail regex routes a big body"
         for njs_only in (b'{"mod\\u0065l":"chat-small"}', b'{"model":"nope"}', b'{"model":"CHAT-SMALL"}',
                          big[:-1] + b',"mod\\u0065l":"x"}'):
-            reply = post(njs_only)
+            reply = post_json(port, njs_only)
             assert reply.status == 500 and b"njs was asked" in reply.body, njs_only[:60]
         assert len(backend.requests()) == 2
     finally:
@@ -694,9 +702,7 @@ def test_names_with_slashes_colons_and_dots_route_without_njs(tmp_path: Path) ->
     conf = render_gateway(tmp_path, routes_for([route(names[0], "llm_qwen", "", ["chat"], names[1:])]),
                           [Upstream("llm_qwen", names[0], [backend.address])], names[:1],
                           gateway_http_port=(port := free_port()), gateway_https_port=0)
-    router = tmp_path / "llm" / "router.js"
-    router.write_text(router.read_text().replace(
-        "function route(r) {", "function route(r) {\n    return sendError(r, 500, 'njs was asked', 'server_error');", 1))
+    refuse_njs_routes(tmp_path)
     proc = start_nginx(conf, port)
     try:
         for name in names:
@@ -712,6 +718,68 @@ def test_names_with_slashes_colons_and_dots_route_without_njs(tmp_path: Path) ->
         assert {(r["path"], r["model"]) for r in backend.requests()} == {("/chat/completions", name) for name in names}
     finally:
         stop(proc)
+        stop(backend.proc)
+
+
+def test_names_told_apart_by_case_route_without_njs(tmp_path: Path) -> None:
+    """The regex compares exactly: two names that differ only in case go to their own models."""
+    reason = nginx_missing()
+    if reason:
+        pytest.skip(reason)
+    upper, lower = start_backend(["Qwen-Chat"]), start_backend(["qwen-chat"])
+    entries = [route("Qwen-Chat", "llm_upper", "/v1", ["chat"], []), route("qwen-chat", "llm_lower", "/v1", ["chat"], [])]
+    conf = render_gateway(tmp_path, routes_for(entries),
+                          [Upstream("llm_upper", "Qwen-Chat", [upper.address]),
+                           Upstream("llm_lower", "qwen-chat", [lower.address])], ["Qwen-Chat", "qwen-chat"],
+                          gateway_http_port=(port := free_port()), gateway_https_port=0)
+    refuse_njs_routes(tmp_path)
+    proc = start_nginx(conf, port)
+    try:
+        for pad in ("", "p" * FAST_MAX):
+            for name in ("Qwen-Chat", "qwen-chat"):
+                reply = post_json(port, json.dumps(chat(name, pad=pad)).encode())
+                assert reply.status == 200 and reply.headers["X-Backend-Model"] == name, reply.body[:200]
+        reply = post_json(port, json.dumps(chat("QWEN-CHAT")).encode())
+        assert reply.status == 500 and b"njs was asked" in reply.body
+        assert [len(upper.requests()), len(lower.requests())] == [2, 2]
+    finally:
+        stop(proc)
+        stop(upper.proc)
+        stop(lower.proc)
+
+
+def test_names_beyond_the_regex_room_are_routed_by_njs(tmp_path: Path) -> None:
+    """A registry too big for one nginx regex: nginx takes the names that fit, njs the rest, same result."""
+    reason = nginx_missing()
+    if reason:
+        pytest.skip(reason)
+    names = [f"org-{i:03d}/model-{i:03d}.instruct" for i in range(40)]
+    backend = start_backend(names)
+    routes = routes_for([route(names[0], "llm_many", "/v1", ["chat"], names[1:])])
+    plan = gateway_regex_plugin().llm_fast_routes(routes)["chat"]
+    fast, njs_only = plan["nginx"], plan["njs"]
+    assert fast and njs_only and fast + njs_only == names
+    conf = render_gateway(tmp_path, routes, [Upstream("llm_many", names[0], [backend.address])], names[:1],
+                          gateway_http_port=(port := free_port()), gateway_https_port=0)
+    text = (tmp_path / "llm" / "gateway.conf").read_text()
+    assert "#   " + " ".join(njs_only) in text, "the config names what njs routes"
+    try:
+        for refused in (False, True):
+            if refused:
+                refuse_njs_routes(tmp_path)
+            proc = start_nginx(conf, port)
+            try:
+                for name in (fast[0], fast[-1], njs_only[0], njs_only[-1]):
+                    for pad in ("", "p" * FAST_MAX):
+                        reply = post_json(port, json.dumps(chat(name, pad=pad)).encode())
+                        if refused and name in njs_only:
+                            assert reply.status == 500 and b"njs was asked" in reply.body
+                        else:
+                            assert reply.status == 200 and backend.requests()[-1]["model"] == name, reply.body
+            finally:
+                stop(proc)
+        assert len(backend.requests()) == 8 + 4
+    finally:
         stop(backend.proc)
 
 

@@ -1,9 +1,11 @@
 """PCRE patterns that find the top-level "model" of a JSON request body inside nginx.
 
 The gateway routes most requests without njs: nginx matches the body against one of two
-regexes and a map turns the captured name into a route. A name with an escape, or
-any body the regex cannot vouch for, falls through to the njs router, which answers it;
-so do names the gateway's maps do not list (unknown ones, or not in their exact case).
+regexes, and the name captured is the named location to jump to. Each API path has its own
+pair of regexes that accept, as the model, exactly (in case too) the names that serve it.
+Any other name (unknown, in another case, with an escape, or beyond what fits in the
+regex), or any body the regex cannot vouch for, falls through to the njs router, which
+answers it.
 
 - "whole" (small bodies): the whole body against the JSON grammar of RFC 8259, strings
   checked for escapes and raw control characters. Top-level members are walked one by one
@@ -25,7 +27,7 @@ Everything is possessive: PCRE never backtracks into what it matched.
 The text goes into nginx.conf between single quotes: it holds no quote of that kind, a
 backslash is written `\\x5c`, and `\\t`, `\\n`, `\\r` become those characters in nginx's
 parser, which PCRE takes literally. nginx refuses a parameter over 4 KB, so strings are
-called as a group, not repeated.
+called as a group, not repeated, and the names that do not fit are left to njs.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ BOUNDARY_STRING = rf'"(?:[^"]*+(?<!{BACKSLASH})"|(?:[^"{BACKSLASH}]++|{BACKSLASH
 NUMBER = r"-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][-+]?+[0-9]++)?+"
 # A top-level key the regex may skip: plain text only, so that "mod\u0065l" goes to njs.
 OTHER_PLAIN_KEY = rf'"(?!model")[^"{BACKSLASH}\x00-\x1f]*+"'
-# The model's name as sent: plain text only; the maps then check it exactly.
-PLAIN_NAME = rf'"(?<llm_top_model>[^"{BACKSLASH}\x00-\x1f]++)"'
-# nginx refuses a parameter over 4 KB: at 17 levels the regex is 3.9 KB.
+# nginx reads a quoted parameter of at most 4094 characters: its 4096-byte buffer holds
+# the quotes too (checked with nginx -t).
+NGINX_PARAMETER_MAX = 4094
+# At 17 levels the regex alone is 3.9 KB.
 MAX_DEPTH = 17
+PARTS = ("whole", "tail")
 
 
 def _value_groups(string: str, max_depth: int) -> tuple[str, str]:
@@ -70,38 +74,60 @@ def _value_groups(string: str, max_depth: int) -> tuple[str, str]:
     return groups, f"(?{max_depth + 2})"
 
 
-def llm_body_regex(part: str, max_depth: int = 16) -> str:
-    """The regex for `part` ("whole" or "tail"); captures the model in (?<llm_top_model>)."""
+def _name_choice(names: list[str]) -> str:
+    """The model's value: one of `names`, exactly, captured as (?<llm_top_model>).
+
+    Registry names hold letters, digits and `._:/-`; only the dot means something to PCRE.
+    """
+    return '"(?<llm_top_model>' + "|".join(name.replace(".", r"\.") for name in names) + ')"'
+
+
+def llm_body_regex(part: str, max_depth: int = 16, names: list[str] | None = None) -> str:
+    """The regex for `part` ("whole" or "tail") that accepts one of `names` as the top-level model."""
     if not isinstance(max_depth, int) or not 1 <= max_depth <= MAX_DEPTH:
         raise AnsibleFilterError(f"llm_body_regex: max_depth must be an integer from 1 to {MAX_DEPTH}")
-    model = r'"model"' + WS + ":" + WS + PLAIN_NAME
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise AnsibleFilterError("llm_body_regex: names must be a non-empty list of model names")
+    model = r'"model"' + WS + ":" + WS + _name_choice(names)
     if part == "whole":
         groups, value = _value_groups(STRICT_STRING, max_depth)
         member = "(?:" + model + "|" + OTHER_PLAIN_KEY + WS + ":" + WS + value + ")"
-        # The member loop checks the comma by lookahead so that the named group appears once.
+        # The member loop checks the comma by lookahead so that the named group appears once;
+        # a body without a model then fails at the end (njs names what is missing).
         return (r"\A(?(DEFINE)" + groups + ")" + WS + r"\{" + WS
-                + "(?:" + member + WS + '(?:,' + WS + '(?=")|(?=\\})))*+' + r"\}" + WS + r"\z")
+                + "(?:" + member + WS + '(?:,' + WS + '(?=")|(?=\\})))*+'
+                + "(?(<llm_top_model>)|(?!))" + r"\}" + WS + r"\z")
     if part == "tail":
         groups, value = _value_groups(BOUNDARY_STRING, max_depth)
         rest = "(?:" + WS + "," + WS + OTHER_PLAIN_KEY + WS + ":" + WS + value + ")*+"
         # The key first, its left neighbour checked after: PCRE then searches for the
         # two-character start '"m' with SIMD instead of trying every quote.
-        model = r'"model"(?<=[{,\s]"model")' + WS + ":" + WS + PLAIN_NAME
+        model = r'"model"(?<=[{,\s]"model")' + WS + ":" + WS + _name_choice(names)
         return "(?(DEFINE)" + groups + ")" + model + rest + WS + r"\}" + WS + r"\z"
     raise AnsibleFilterError(f"llm_body_regex: part must be 'whole' or 'tail', not {part!r}")
 
 
-def llm_fast_route_names(routes: dict[str, Any], upstream: str | None = None) -> list[str]:
-    """Names nginx may route by itself (of one upstream, if given).
+def llm_fast_routes(routes: dict[str, Any], max_depth: int = 16) -> dict[str, dict[str, list[str]]]:
+    """Per endpoint, the names nginx routes by itself ("nginx") and those left to njs ("njs").
 
-    nginx maps compare case-insensitively, so names that differ from another only in case
-    are left to njs, which compares exactly.
+    Names are taken in registry order while both regexes of the endpoint still fit in one
+    nginx parameter; the rest are routed by njs, to the same place, only slower.
     """
-    folded: dict[str, int] = {}
-    for name in routes:
-        folded[name.lower()] = folded.get(name.lower(), 0) + 1
-    return sorted(name for name, route in routes.items()
-                  if folded[name.lower()] == 1 and upstream in (None, route["upstream"]))
+    longest_without_names = max(len(llm_body_regex(part, max_depth, ["x"])) for part in PARTS) - 1
+    plan: dict[str, dict[str, list[str]]] = {}
+    room: dict[str, int] = {}
+    for name, route in routes.items():
+        for endpoint in route["endpoints"]:
+            entry = plan.setdefault(endpoint, {"nginx": [], "njs": []})
+            left = room.setdefault(endpoint, NGINX_PARAMETER_MAX - longest_without_names)
+            # The name as the regex spells it, and a "|" before all but the first.
+            cost = len(_name_choice([name])) - len(_name_choice([""])) + (1 if entry["nginx"] else 0)
+            if cost <= left:
+                entry["nginx"].append(name)
+                room[endpoint] = left - cost
+            else:
+                entry["njs"].append(name)
+    return dict(sorted(plan.items()))
 
 
 class FilterModule:
@@ -109,4 +135,4 @@ class FilterModule:
 
     def filters(self) -> dict[str, Callable[..., Any]]:
         """Map filter names to functions."""
-        return {"llm_body_regex": llm_body_regex, "llm_fast_route_names": llm_fast_route_names}
+        return {"llm_body_regex": llm_body_regex, "llm_fast_routes": llm_fast_routes}
