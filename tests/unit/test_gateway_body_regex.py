@@ -87,14 +87,31 @@ def test_fast_routes_per_endpoint_in_registry_order() -> None:
     }
 
 
+@pytest.fixture
+def warnings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The warnings the plugin shows through Ansible's display."""
+    shown: list[str] = []
+    monkeypatch.setattr(plugin.display, "warning", shown.append)
+    return shown
+
+
 @pytest.mark.parametrize("depth", [4, 16, plugin.MAX_DEPTH])
-def test_fast_routes_fill_the_regex_and_leave_the_rest_to_njs(depth: int) -> None:
+def test_fast_routes_fill_the_regex_and_leave_the_rest_to_njs(depth: int, warnings: list[str]) -> None:
     names = [f"org-{i:03d}/model-{i:03d}.instruct" for i in range(200)]
     routes = {name: {"endpoints": ["chat"]} for name in names}
     plan = plugin.llm_fast_routes(routes, depth)["chat"]
     assert plan["nginx"] + plan["njs"] == names and plan["njs"], "registry order, every name once"
     longest = max(len(plugin.llm_body_regex(part, depth, plan["nginx"])) for part in plugin.PARTS)
     assert plugin.NGINX_PARAMETER_MAX - len("|" + names[0]) - 1 < longest <= plugin.NGINX_PARAMETER_MAX
+    assert warnings == [f"gateway: {len(plan['njs'])} model names that serve 'chat' do not fit in nginx's "
+                        "routing regex and are routed by njs (same route, slower); each level less of "
+                        "gateway_fast_route_max_depth makes room for about 200 characters of names: "
+                        f"{', '.join(plan['njs'][:5])}, ..."]
+
+
+def test_fast_routes_that_fit_warn_of_nothing(warnings: list[str]) -> None:
+    plugin.llm_fast_routes({"chat-small": {"endpoints": ["chat", "completions"]}})
+    assert warnings == []
 
 
 def test_fast_routes_skip_a_long_name_and_take_the_next_that_fits() -> None:

@@ -35,6 +35,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ansible.errors import AnsibleFilterError
+from ansible.utils.display import Display
+
+display = Display()
 
 BACKSLASH = r"\x5c"
 WS = r"[ \t\n\r]*+"
@@ -127,6 +130,14 @@ def llm_fast_routes(routes: dict[str, Any], max_depth: int = 16) -> dict[str, di
                 room[endpoint] = left - cost
             else:
                 entry["njs"].append(name)
+    for endpoint, entry in plan.items():
+        if entry["njs"]:
+            # Ansible shows a warning once however often the variable is templated.
+            shown = ", ".join(entry["njs"][:5]) + (", ..." if len(entry["njs"]) > 5 else "")
+            display.warning(f"gateway: {len(entry['njs'])} model names that serve '{endpoint}' do not fit in "
+                            "nginx's routing regex and are routed by njs (same route, slower); each level less "
+                            "of gateway_fast_route_max_depth makes room for about 200 characters of names: "
+                            f"{shown}")
     return dict(sorted(plan.items()))
 
 
