@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from http_reply import Reply
+from http_reply import Reply, exchange
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles" / "gateway"
@@ -258,6 +258,12 @@ def routes_for(entries: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the test gateway
 
 
+def post_json(port: int, raw: bytes, path: str = "/v1/chat/completions", timeout: float = 10) -> Reply:
+    """One POST to a gateway on `port`, on a new connection."""
+    return exchange(http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), "POST", path, raw,
+                    {"Content-Type": "application/json"})
+
+
 @dataclass
 class Gateway:
     """A rendered and running gateway with its backends."""
@@ -272,13 +278,9 @@ class Gateway:
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
                 headers: dict[str, str] | None = None, tls: bool = False, timeout: float = 30) -> Reply:
         """One request on a new connection; `body` is sent as JSON, `raw` as is."""
-        conn = self.connect(tls, timeout)
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        reply = Reply(resp.status, resp.headers, resp.read())
-        conn.close()
-        return reply
+        return exchange(self.connect(tls, timeout), method, path, data,
+                        {"Content-Type": "application/json", **(headers or {})})
 
     def connect(self, tls: bool = False, timeout: float = 30) -> http.client.HTTPConnection:
         """A connection to the plain or the TLS listener."""
@@ -656,16 +658,6 @@ def refuse_njs_routes(root: Path) -> None:
     router.write_text(router.read_text().replace("function route(r) {", refuse, 1))
 
 
-def post_json(port: int, raw: bytes, path: str = "/v1/chat/completions") -> Reply:
-    """One POST on a new connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    reply = Reply(resp.status, resp.headers, resp.read())
-    conn.close()
-    return reply
-
-
 def test_fast_path_routes_without_njs(tmp_path: Path) -> None:
     """With an njs router that refuses everything, only what the fast path cannot answer fails."""
     reason = nginx_missing()
@@ -707,13 +699,8 @@ def test_names_with_slashes_colons_and_dots_route_without_njs(tmp_path: Path) ->
     try:
         for name in names:
             for pad in ("", "p" * FAST_MAX):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("POST", "/v1/chat/completions?trace=1", body=json.dumps(chat(name, pad=pad)),
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                assert resp.status == 200, resp.read()[:200]
-                resp.read()
-                conn.close()
+                reply = post_json(port, json.dumps(chat(name, pad=pad)).encode(), "/v1/chat/completions?trace=1")
+                assert reply.status == 200, reply.body[:200]
         # The empty API prefix (Infinity's): /v1/chat/completions -> /chat/completions.
         assert {(r["path"], r["model"]) for r in backend.requests()} == {("/chat/completions", name) for name in names}
     finally:
@@ -866,11 +853,7 @@ def test_connect_timeout_on_every_server_is_503(tmp_path: Path) -> None:
                               gateway_proxy_connect_timeout="1s")
         proc = start_nginx(conf, port)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-            conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("gone-model")))
-            resp = conn.getresponse()
-            reply = Reply(resp.status, resp.headers, resp.read())
-            conn.close()
+            reply = post_json(port, json.dumps(chat("gone-model")).encode(), timeout=20)
         finally:
             stop(proc)
     finally:
@@ -900,12 +883,7 @@ def test_one_server_down_retries_to_the_other(gateway: Gateway, tmp_path: Path) 
     try:
         failures = 0
         for _ in range(200):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/v1/chat/completions", body=json.dumps(chat("chat-large")))
-            resp = conn.getresponse()
-            resp.read()
-            conn.close()
-            failures += resp.status != 200
+            failures += post_json(port, json.dumps(chat("chat-large")).encode()).status != 200
         assert failures == 0
         assert len(spare.requests()) == 200
     finally:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from http_reply import Reply
+from http_reply import Reply, exchange
 
 BACKEND = Path(__file__).resolve().parents[2] / "tests" / "backend" / "llm_test_backend.py"
 PYTHON = os.environ.get("LLM_TEST_BACKEND_PYTHON", sys.executable)
@@ -49,14 +49,8 @@ class Backend:
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                 raw: bytes | None = None) -> Reply:
         """One request on its own connection; `body` is sent as JSON, `raw` as is."""
-        conn = self.connect()
-        try:
-            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            conn.request(method, path, body=data, headers=headers or {})
-            response = conn.getresponse()
-            return Reply(response.status, response.headers, response.read())
-        finally:
-            conn.close()
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        return exchange(self.connect(), method, path, data, headers or {})
 
     def behave(self, **behaviour: Any) -> None:
         """Set the injected fault."""
