@@ -1,7 +1,8 @@
 """Fixtures and helpers shared by every scenario's testinfra tests (a pytest plugin).
 
 .config/molecule/config.yml loads it with `-p lab_pytest` and puts molecule/shared
-on PYTHONPATH; tests import `wait_until` and `assigned_models` from here.
+on PYTHONPATH; tests import `wait_until`, `assigned_models` and the gateway helpers
+(`post`, `landed`, `assert_openai_error`, `backend_path`) from here.
 Requests are sent from the machine running molecule straight to the lab
 containers' addresses on the scenario's private docker network, never elsewhere.
 """
@@ -12,11 +13,26 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import requests
 import testinfra
+
+# Where clients call each endpoint on the gateway. The tests say it themselves rather than ask
+# the registry plugin, so a wrong path in the product cannot agree with itself.
+GATEWAY_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "rerank": "/v1/rerank",
+    "responses": "/v1/responses",
+    "score": "/v1/score",
+    "tokenize": "/tokenize",
+    "detokenize": "/detokenize",
+}
 
 
 def _dump_journal(host: testinfra.host.Host, unit: str) -> str:
@@ -79,6 +95,71 @@ def hosts_of(model: dict[str, Any], inventory: dict[str, Any]) -> list[str]:
     for entry in model["hosts"]:
         hosts += inventory.get(entry, {}).get("hosts", []) or [entry]
     return sorted(set(hosts))
+
+
+def backend_path(model: dict[str, Any], endpoint: str) -> str:
+    """Where a model's server answers an endpoint: its api_prefix replaces /v1 (Infinity-style
+    servers have none), and the paths outside /v1 (vLLM's /tokenize, /detokenize) stay at the root."""
+    path = GATEWAY_PATHS[endpoint]
+    if path.startswith("/v1/"):
+        return model.get("api_prefix", "/v1") + path[len("/v1"):]
+    return path
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One model's test backend on one host, asked what it received (GET /_test/requests)."""
+
+    host: str
+    url: str
+    model: dict
+
+    def received(self) -> list[dict]:
+        """Every request but the gateway's health probes (GET /health), which are not API traffic."""
+        records = requests.get(f"{self.url}/_test/requests", timeout=5).json()
+        return [r for r in records if (r["method"], r["path"]) != ("GET", "/health")]
+
+    def clear(self) -> None:
+        requests.delete(f"{self.url}/_test/requests", timeout=5).raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def backends(registry, inventory, address_of) -> list[Backend]:
+    """One Backend per (model, host), hosts expanded from groups as the registry does."""
+    return [Backend(host, f"http://{address_of(host)}:{model['port']}", model)
+            for model in registry for host in hosts_of(model, inventory)]
+
+
+@pytest.fixture()
+def clean(backends) -> list[Backend]:
+    """The backends with their request logs emptied, so a test sees only its own requests."""
+    for backend in backends:
+        backend.clear()
+    return backends
+
+
+def landed(backends: list[Backend]) -> dict[tuple[str, str], list[dict]]:
+    """What each (model, host) received, for the backends that received anything."""
+    received = {(b.model["name"], b.host): b.received() for b in backends}
+    return {key: records for key, records in received.items() if records}
+
+
+def post(gateway_url: str, endpoint: str, body: bytes, headers: dict | None = None) -> requests.Response:
+    """A JSON body, as is, to an endpoint's path on the gateway."""
+    return requests.post(gateway_url + GATEWAY_PATHS[endpoint], data=body,
+                         headers={"Content-Type": "application/json", **(headers or {})}, timeout=60)
+
+
+def assert_openai_error(response: requests.Response, status: int, code: str | None = None) -> dict:
+    """The gateway's errors are OpenAI-shaped JSON, never nginx's HTML; returns the error object."""
+    assert response.status_code == status, response.text[:300]
+    assert response.headers["Content-Type"].startswith("application/json"), response.headers
+    error = response.json()["error"]
+    assert {"message", "type", "param", "code"} <= error.keys(), error
+    assert error["message"] and error["type"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
 
 
 def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any],

@@ -2,7 +2,9 @@
 """An OpenAI-compatible TEST backend: a fixture for the gateway's tests, never a product engine.
 
 It speaks vLLM's wire format (paths, error JSON, SSE without X-Accel-Buffering) well
-enough for the official `openai` client, and adds what tests need from a backend:
+enough for the official `openai` client: chat, completions, embeddings, rerank, responses
+and score under the prefix, and vLLM's /tokenize and /detokenize at the root (vLLM serves
+those without /v1). It adds what tests need from a backend:
   - every response says which host, port and model served it (X-Backend-* headers,
     and a "backend" object in JSON bodies), so a test can check where the gateway routed;
   - every request is recorded (GET/DELETE /_test/requests), with a sha256 of the body,
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +43,9 @@ MAX_RECORDS = 10_000  # enough for any test; bounded so a soak test cannot exhau
 MAX_BODY = 64 * 1024 * 1024
 HANG_LIMIT = 600.0
 MODES = ("ok", "fail", "hang", "slow")
+MAX_MODEL_LEN = 4096  # what /tokenize reports; nothing here enforces a context length
+CHAT_LIMITS = ("max_completion_tokens", "max_tokens")  # the newer name wins, as in vLLM
+RESPONSES_LIMITS = ("max_output_tokens",)
 
 
 class ClientError(Exception):
@@ -154,19 +160,27 @@ def word_count(value: Any) -> int:
     return 0
 
 
-def requested_tokens(body: dict[str, Any]) -> int:
-    """How many pieces to answer with: max_tokens (or the newer max_completion_tokens) else a default."""
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    if value is None:
-        return DEFAULT_CHUNKS
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ClientError(400, "max_tokens must be a positive integer", "invalid_request_error", "max_tokens")
-    return value
+def token_limit(body: dict[str, Any], fields: tuple[str, ...] = CHAT_LIMITS) -> int | None:
+    """The caller's limit on answer tokens, from the first of `fields` set (each API names it its own way)."""
+    for name in fields:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ClientError(400, f"{name} must be a positive integer", "invalid_request_error", name)
+        return value
+    return None
+
+
+def requested_tokens(body: dict[str, Any], fields: tuple[str, ...] = CHAT_LIMITS) -> int:
+    """How many pieces to answer with: the caller's limit, else a default."""
+    limit = token_limit(body, fields)
+    return DEFAULT_CHUNKS if limit is None else limit
 
 
 def finish_reason(body: dict[str, Any]) -> str:
     """vLLM says "length" when the answer stopped at the caller's token limit."""
-    return "length" if body.get("max_completion_tokens", body.get("max_tokens")) is not None else "stop"
+    return "length" if token_limit(body) is not None else "stop"
 
 
 def piece(index: int, config: Config) -> str:
@@ -177,6 +191,11 @@ def piece(index: int, config: Config) -> str:
 def usage(prompt: int, completion: int) -> dict[str, int]:
     """OpenAI's usage object."""
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def prompt_usage(tokens: int) -> dict[str, int]:
+    """The usage object of APIs that generate nothing (embeddings, rerank, score)."""
+    return {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
 def embedding(value: Any) -> list[float]:
@@ -226,9 +245,9 @@ def document_text(document: Any) -> str:
                       "documents")
 
 
-def new_id(prefix: str) -> str:
-    """Ids shaped like vLLM's."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, separator: str = "-") -> str:
+    """Ids shaped like vLLM's (its Responses API uses OpenAI's resp_/msg_ style, hence the separator)."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 def chat_response(body: dict[str, Any], model: str, config: Config) -> dict[str, Any]:
@@ -268,7 +287,7 @@ def embeddings_response(body: dict[str, Any], model: str, _config: Config) -> di
             for i, item in enumerate(inputs)]
     tokens = sum(word_count(item) if isinstance(item, str) else len(item) for item in inputs)
     return {"id": new_id("embd"), "object": "list", "created": int(time.time()), "model": model, "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            "usage": prompt_usage(tokens)}
 
 
 def rerank_response(body: dict[str, Any], model: str, _config: Config) -> dict[str, Any]:
@@ -287,7 +306,97 @@ def rerank_response(body: dict[str, Any], model: str, _config: Config) -> dict[s
     )[:top_n]
     tokens = word_count(query) + word_count(texts)
     return {"id": new_id("rerank"), "object": "rerank", "created": int(time.time()), "model": model,
-            "results": results, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            "results": results, "usage": prompt_usage(tokens)}
+
+
+def responses_response(body: dict[str, Any], model: str, config: Config) -> dict[str, Any]:
+    """A non-streamed Responses API object, as vLLM's /v1/responses returns it: one assistant message."""
+    source = body.get("input")
+    if not isinstance(source, (str, list)) or not source:
+        raise ClientError(400, "input must be a string or a non-empty list", "invalid_request_error", "input")
+    limit, n = token_limit(body, RESPONSES_LIMITS), requested_tokens(body, RESPONSES_LIMITS)
+    text = "".join(piece(i, config) for i in range(n)).strip()
+    prompt = word_count(source) + word_count(body.get("instructions") or "")
+    message = {"id": new_id("msg", "_"), "type": "message", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]}
+    return {
+        "id": new_id("resp", "_"), "object": "response", "created_at": int(time.time()), "model": model,
+        # Like finish_reason "length": the answer stopped at the caller's limit.
+        "status": "completed" if limit is None else "incomplete",
+        "incomplete_details": None if limit is None else {"reason": "max_output_tokens"},
+        "instructions": body.get("instructions"), "max_output_tokens": limit,
+        "output": [message], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": n, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": prompt + n},
+    }
+
+
+def score_texts(body: dict[str, Any], name: str) -> list[str]:
+    """text_1 and text_2 are each a string or a non-empty list of strings."""
+    value = body.get(name)
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise ClientError(400, f"{name} must be a string or a non-empty list of strings", "invalid_request_error",
+                          name)
+    return texts
+
+
+def score_response(body: dict[str, Any], model: str, _config: Config) -> dict[str, Any]:
+    """vLLM's /v1/score: one score per (text_1, text_2) pair, in input order; a single text_1 meets every text_2."""
+    first, second = score_texts(body, "text_1"), score_texts(body, "text_2")
+    if len(first) == 1:
+        first = first * len(second)
+    if len(first) != len(second):
+        raise ClientError(400, "Input lengths must be either 1:1, 1:N or N:N", "invalid_request_error", "text_1")
+    data = [{"index": i, "object": "score", "score": rerank_score(a, b)} for i, (a, b) in enumerate(zip(first, second))]
+    return {"id": new_id("score"), "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": prompt_usage(word_count(first) + word_count(second))}
+
+
+def content_text(content: Any) -> str:
+    """A message's content as text: a string, or the text of its parts (the OpenAI content-part list)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def chat_template(messages: list[Any], add_generation_prompt: bool) -> str:
+    """A stand-in for the model's chat template: "role: content" lines, then the assistant's turn."""
+    lines = [f"{m.get('role', '')}: {content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict)]
+    return "".join(lines) + ("assistant: " if add_generation_prompt else "")
+
+
+def tokenize_text(text: str) -> list[int]:
+    """The fake tokenizer: one token per UTF-8 byte, so /detokenize gives back exactly what was tokenized."""
+    return list(text.encode("utf-8"))
+
+
+def tokenize_response(body: dict[str, Any], _model: str, _config: Config) -> dict[str, Any]:
+    """vLLM's /tokenize: a completion prompt, or chat messages rendered through the (fake) chat template."""
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if isinstance(prompt, str) and messages is None:
+        text = prompt
+    elif isinstance(messages, list) and messages and prompt is None:
+        text = chat_template(messages, bool(body.get("add_generation_prompt", True)))
+    else:
+        raise ClientError(400, "send either prompt (a string) or messages (a non-empty list)",
+                          "invalid_request_error", "prompt")
+    tokens = tokenize_text(text)
+    strings = [bytes([token]).decode("utf-8", "replace") for token in tokens]
+    return {"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens,
+            "token_strs": strings if body.get("return_token_strs") else None}
+
+
+def detokenize_response(body: dict[str, Any], _model: str, _config: Config) -> dict[str, Any]:
+    """vLLM's /detokenize; an id outside the fake vocabulary (bytes) is refused as vLLM refuses one."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(token, int) and not isinstance(token, bool) and 0 <= token <= 255 for token in tokens):
+        raise ClientError(400, "tokens must be a list of token ids from 0 to 255", "invalid_request_error", "tokens")
+    return {"prompt": bytes(tokens).decode("utf-8", "replace")}
 
 
 def chat_chunks(body: dict[str, Any], model: str, config: Config) -> list[Any]:
@@ -326,13 +435,33 @@ def completion_chunks(body: dict[str, Any], model: str, config: Config) -> list[
     return pieces
 
 
+Answer = Callable[[dict[str, Any], str, Config], dict[str, Any]]
+Chunks = Callable[[dict[str, Any], str, Config], list[Any]]
+
 # OpenAI path (after the prefix) -> (answer builder, stream builder or None)
-ROUTES = {
+ROUTES: dict[str, tuple[Answer, Chunks | None]] = {
     "/chat/completions": (chat_response, chat_chunks),
     "/completions": (completion_response, completion_chunks),
     "/embeddings": (embeddings_response, None),
     "/rerank": (rerank_response, None),
+    "/responses": (responses_response, None),
+    "/score": (score_response, None),
 }
+# vLLM serves its tokenizer at the root whatever the prefix: /tokenize, never /v1/tokenize.
+ROOT_ROUTES: dict[str, tuple[Answer, Chunks | None]] = {
+    "/tokenize": (tokenize_response, None),
+    "/detokenize": (detokenize_response, None),
+}
+
+
+def find_route(path: str, prefix: str) -> tuple[str, tuple[Answer, Chunks | None]] | None:
+    """The route a path names, with its name for messages; root routes are not looked for under the prefix."""
+    if path in ROOT_ROUTES:
+        return path, ROOT_ROUTES[path]
+    route = path[len(prefix):] if path.startswith(prefix + "/") else None
+    if route in ROUTES:
+        return route, ROUTES[route]
+    return None
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
@@ -479,7 +608,7 @@ class Handler(BaseHTTPRequestHandler):
             parsed = json.loads(body) if body else None
             if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
                 model = parsed["model"]
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         self.request_log.add({
             "method": self.command, "path": path, "body_length": len(body),
@@ -504,20 +633,18 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientError(404, f"no test endpoint {self.command} {path}", "not_found")
 
     def handle_api(self, path: str, body: bytes) -> None:
-        """The OpenAI paths under the prefix, and /health."""
+        """The OpenAI paths under the prefix, the tokenizer paths at the root, and /health."""
         prefix = self.config.api_prefix
         if path == "/health":
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if not path.startswith(prefix + "/"):
-            raise ClientError(404, f"no route for {path}", "not_found")
-        route = path[len(prefix):]
-        if route == "/models" and self.command == "GET":
+        if path == prefix + "/models" and self.command == "GET":
             self.send_json(200, self.models_list())
             return
-        if route not in ROUTES:
+        found = find_route(path, prefix)
+        if found is None:
             raise ClientError(404, f"no route for {path}", "not_found")
         if self.command != "POST":
             raise ClientError(405, f"{self.command} is not allowed on {path}", "method_not_allowed")
@@ -525,7 +652,7 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise ClientError(400, "request body must be a JSON object", "invalid_request_error")
         model = self.check_model(request)
-        answer, stream = ROUTES[route]
+        route, (answer, stream) = found
         if request.get("stream") is True:
             if stream is None:
                 raise ClientError(400, f"{route} does not support streaming", "invalid_request_error", "stream")
@@ -593,6 +720,9 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise ClientError(400, f"invalid JSON body: {exc}", "invalid_json") from None
+    except RecursionError:
+        # Python's parser gives up a few hundred levels deep, where vLLM's refuses too.
+        raise ClientError(400, "invalid JSON body: nested too deeply", "invalid_json") from None
 
 
 class Server(ThreadingHTTPServer):

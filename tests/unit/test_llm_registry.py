@@ -86,6 +86,7 @@ def test_normalize_fills_defaults_for_vllm() -> None:
         "env": {},
         "gpus": [],
         "served_names": ["qwen"],
+        "paths": {"chat": "/v1/chat/completions", "completions": "/v1/completions"},
         "upstream": "llm_qwen",
     }
 
@@ -94,6 +95,7 @@ def test_normalize_fills_defaults_for_infinity() -> None:
     [model] = reg.llm_registry_normalize([infinity()], GROUPS)
     assert model["endpoints"] == ["embeddings", "rerank"]
     assert model["api_prefix"] == ""
+    assert model["paths"] == {"embeddings": "/embeddings", "rerank": "/rerank"}
     assert model["source"] == "/srv/models/bge-m3"
 
 
@@ -171,7 +173,11 @@ BAD_FIELDS = [
     (chat(aliases=["ok", "bad name"]), "model 'chat-small': field 'aliases': every entry must be a string matching"),
     (chat(endpoints=[]), "model 'chat-small': field 'endpoints': must be a non-empty list"),
     (chat(endpoints=["chat", "images"]), "field 'endpoints': must only contain chat, completions, embeddings, "
-                                         "rerank, got 'images'"),
+                                         "rerank, responses, score, tokenize, detokenize, got 'images'"),
+    (infinity(endpoints=["embeddings", "chat"]), "llm_models: model 'bge-m3': field 'endpoints': engine 'infinity' "
+                                                 "does not serve 'chat'; it serves embeddings, rerank"),
+    (infinity(endpoints=["tokenize", "score"]), "model 'bge-m3': field 'endpoints': engine 'infinity' does not "
+                                                "serve 'score', 'tokenize'; it serves embeddings, rerank"),
     (chat(endpoints="chat"), "field 'endpoints': must be a non-empty list"),
     (chat(hosts=[]), "model 'chat-small': field 'hosts': must be a non-empty list of inventory hosts or groups"),
     (chat(hosts="gpu1"), "field 'hosts': must be a non-empty list"),
@@ -279,6 +285,32 @@ def test_alias_used_by_two_models() -> None:
 def test_alias_repeating_the_models_own_name() -> None:
     message = errors_of([vllm(aliases=["qwen"])])
     assert "model 'qwen': field 'aliases': 'qwen' is already used by this model" in message
+
+
+def test_names_of_two_models_that_differ_only_in_case() -> None:
+    message = errors_of([vllm(name="a", aliases=["Qwen-Chat"]), chat(name="b", aliases=["qwen-chat"])])
+    assert message == ("llm_models: model 'b': field 'aliases': 'qwen-chat' differs only in case from 'Qwen-Chat' "
+                       "of model 'a' (llm_models[0]); the gateway's name lookup does not tell them apart: rename one")
+
+
+def test_a_name_that_differs_only_in_case_from_another_models_name() -> None:
+    message = errors_of([vllm(name="Qwen"), chat(name="QWEN", aliases=[])])
+    assert ("llm_models: model 'QWEN': field 'name': 'QWEN' differs only in case from 'Qwen' of model 'Qwen' "
+            "(llm_models[0])") in message
+
+
+def test_an_alias_that_differs_only_in_case_from_its_own_models_name() -> None:
+    message = errors_of([vllm(aliases=["QWEN"])])
+    assert message.startswith("llm_models: model 'qwen': field 'aliases': 'QWEN' differs only in case from 'qwen' "
+                              "of this model;")
+
+
+def test_an_exact_duplicate_keeps_its_own_message_not_the_case_one() -> None:
+    message = errors_of([chat(), vllm(aliases=["Chat-Small", "chat-small"])])
+    assert "model 'qwen': field 'aliases': 'chat-small' is already used by model 'chat-small'" in message
+    assert "'Chat-Small' differs only in case from 'chat-small' of model 'chat-small' (llm_models[0])" in message
+    assert message.count("differs only in case") == 1
+    assert message.startswith("llm_models: 2 errors:\n")
 
 
 def test_two_models_on_one_host_must_not_share_a_port() -> None:
@@ -396,12 +428,32 @@ def test_upstreams_private_address_must_be_a_string(registry: list[dict[str, Any
 def test_routes_map_every_name_and_alias(registry: list[dict[str, Any]]) -> None:
     routes = reg.llm_gateway_routes(registry)
     assert set(routes) == {"chat-small", "gpt-4o-mini", "qwen", "bge-m3"}
-    chat_route = {"id": "chat-small", "upstream": "llm_chat_small", "prefix": "/v1",
-                  "endpoints": ["chat", "completions"], "engine": "command", "aliases": ["gpt-4o-mini"]}
+    chat_route = {"id": "chat-small", "upstream": "llm_chat_small", "endpoints": ["chat", "completions"],
+                  "paths": {"chat": "/v1/chat/completions", "completions": "/v1/completions"},
+                  "engine": "command", "aliases": ["gpt-4o-mini"]}
     assert routes["chat-small"] == chat_route
     assert routes["gpt-4o-mini"] == chat_route
-    assert routes["bge-m3"] == {"id": "bge-m3", "upstream": "llm_bge_m3", "prefix": "",
-                                "endpoints": ["embeddings", "rerank"], "engine": "infinity", "aliases": []}
+    assert routes["bge-m3"] == {"id": "bge-m3", "upstream": "llm_bge_m3", "endpoints": ["embeddings", "rerank"],
+                                "paths": {"embeddings": "/embeddings", "rerank": "/rerank"},
+                                "engine": "infinity", "aliases": []}
+
+
+def test_routes_paths_follow_each_models_prefix_and_keep_root_paths() -> None:
+    models = [vllm(endpoints=["detokenize", "chat", "tokenize", "score"]),
+              chat(name="api", aliases=[], api_prefix="/api", endpoints=["tokenize", "responses"], port=8102)]
+    routes = reg.llm_gateway_routes(reg.llm_registry_normalize(models, GROUPS))
+    assert routes["qwen"]["endpoints"] == ["chat", "score", "tokenize", "detokenize"]
+    assert routes["qwen"]["paths"] == {"chat": "/v1/chat/completions", "score": "/v1/score",
+                                       "tokenize": "/tokenize", "detokenize": "/detokenize"}
+    assert routes["api"]["paths"] == {"responses": "/api/responses", "tokenize": "/tokenize"}
+    assert "prefix" not in routes["qwen"], "the gateway reads paths, not the prefix"
+
+
+def test_routes_do_not_share_objects_between_names(registry: list[dict[str, Any]]) -> None:
+    routes = reg.llm_gateway_routes(registry)
+    routes["chat-small"]["paths"]["chat"] = "/changed"
+    assert routes["gpt-4o-mini"]["paths"]["chat"] == "/v1/chat/completions"
+    assert registry[0]["paths"]["chat"] == "/v1/chat/completions"
 
 
 def test_routes_refuse_a_name_served_twice(registry: list[dict[str, Any]]) -> None:
@@ -411,7 +463,91 @@ def test_routes_refuse_a_name_served_twice(registry: list[dict[str, Any]]) -> No
         reg.llm_gateway_routes(tampered)
 
 
+# --- the API table: llm_api_endpoints and backend_path --------------------------------------
+
+
+API_TABLE = [
+    {"name": "chat", "path": "/v1/chat/completions"},
+    {"name": "completions", "path": "/v1/completions"},
+    {"name": "embeddings", "path": "/v1/embeddings"},
+    {"name": "rerank", "path": "/v1/rerank"},
+    {"name": "responses", "path": "/v1/responses"},
+    {"name": "score", "path": "/v1/score"},
+    {"name": "tokenize", "path": "/tokenize"},
+    {"name": "detokenize", "path": "/detokenize"},
+]
+
+
+@pytest.mark.parametrize("ignored", [None, [], "anything", {"a": 1}])
+def test_api_endpoints_are_the_table_in_order_whatever_the_input(ignored: Any) -> None:
+    assert reg.llm_api_endpoints(ignored) == API_TABLE
+    assert reg.llm_api_endpoints() == API_TABLE
+
+
+def test_api_endpoints_returns_fresh_objects() -> None:
+    reg.llm_api_endpoints()[0]["path"] = "/changed"
+    assert reg.llm_api_endpoints()[0]["path"] == "/v1/chat/completions"
+
+
+def test_endpoint_names_come_from_the_table() -> None:
+    assert list(reg.ENDPOINTS) == [row["name"] for row in API_TABLE]
+
+
+@pytest.mark.parametrize(("api_prefix", "expected"), [
+    ("/v1", {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
+             "rerank": "/v1/rerank", "responses": "/v1/responses", "score": "/v1/score"}),
+    ("", {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+          "rerank": "/rerank", "responses": "/responses", "score": "/score"}),
+    ("/api", {"chat": "/api/chat/completions", "completions": "/api/completions", "embeddings": "/api/embeddings",
+              "rerank": "/api/rerank", "responses": "/api/responses", "score": "/api/score"}),
+])
+def test_backend_path_replaces_v1_with_the_prefix_and_keeps_root_paths(api_prefix: str,
+                                                                       expected: dict[str, str]) -> None:
+    expected = {**expected, "tokenize": "/tokenize", "detokenize": "/detokenize"}
+    assert {endpoint: reg.backend_path(endpoint, api_prefix) for endpoint in reg.ENDPOINTS} == expected
+
+
+@pytest.mark.parametrize(("entry", "api_prefix", "paths"), [
+    (vllm(endpoints=list(reg.ENDPOINTS)), "/v1",
+     {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
+      "rerank": "/v1/rerank", "responses": "/v1/responses", "score": "/v1/score", "tokenize": "/tokenize",
+      "detokenize": "/detokenize"}),
+    (vllm(api_prefix="", endpoints=["responses", "tokenize"]), "",
+     {"responses": "/responses", "tokenize": "/tokenize"}),
+    (infinity(), "", {"embeddings": "/embeddings", "rerank": "/rerank"}),
+    (infinity(api_prefix="/v1"), "/v1", {"embeddings": "/v1/embeddings", "rerank": "/v1/rerank"}),
+    (infinity(api_prefix="/api", endpoints=["rerank"]), "/api", {"rerank": "/api/rerank"}),
+    (chat(), "/v1", {"chat": "/v1/chat/completions", "completions": "/v1/completions"}),
+    (chat(api_prefix="", endpoints=["embeddings", "detokenize"]), "",
+     {"embeddings": "/embeddings", "detokenize": "/detokenize"}),
+    (chat(api_prefix="/api", endpoints=["score", "chat"]), "/api", {"chat": "/api/chat/completions",
+                                                                    "score": "/api/score"}),
+])
+def test_normalised_entry_has_the_backend_path_of_each_endpoint(entry: dict[str, Any], api_prefix: str,
+                                                                paths: dict[str, str]) -> None:
+    [model] = reg.llm_registry_normalize([entry], GROUPS)
+    assert model["api_prefix"] == api_prefix
+    assert model["paths"] == paths
+    assert list(model["paths"]) == model["endpoints"], "paths in the table's order"
+
+
+def test_vllm_and_command_may_declare_every_endpoint() -> None:
+    everything = list(reversed(reg.ENDPOINTS))
+    models = reg.llm_registry_normalize([vllm(endpoints=everything), chat(endpoints=everything)], GROUPS)
+    assert [m["endpoints"] for m in models] == [list(reg.ENDPOINTS)] * 2
+
+
+def test_backend_path_refuses_an_unknown_endpoint() -> None:
+    with pytest.raises(ValueError, match="unknown endpoint 'images'"):
+        reg.backend_path("images", "/v1")
+
+
+def test_paths_is_not_a_registry_field() -> None:
+    assert "field 'paths': unknown field" in errors_of([vllm(paths={"chat": "/x"})])
+
+
 def test_filter_module_exposes_all_filters() -> None:
     assert set(reg.FilterModule().filters()) == {
         "llm_registry_normalize", "llm_host_models", "llm_gateway_upstreams", "llm_gateway_routes",
+        "llm_api_endpoints",
     }

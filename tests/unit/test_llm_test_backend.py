@@ -195,6 +195,161 @@ def test_rerank_orders_by_relevance(backend: Backend) -> None:
     assert results[0]["document"] == "paris is the capital of france"
 
 
+# --- vLLM's other paths: responses and score under the prefix, the tokenizer at the root ------
+
+# One valid request per new path, for the checks every path must pass alike.
+VLLM_PATHS = {
+    "/v1/responses": {"model": "chat-small", "input": "hello there"},
+    "/v1/score": {"model": "chat-small", "text_1": "capital of france", "text_2": "paris"},
+    "/tokenize": {"model": "chat-small", "prompt": "hello there"},
+    "/detokenize": {"model": "chat-small", "tokens": [104, 105]},
+}
+
+
+def test_responses_answers_one_assistant_message(backend: Backend) -> None:
+    body = {"model": "gpt-4o-mini", "input": "hello there", "instructions": "be brief", "max_output_tokens": 3}
+    reply = backend.request("POST", "/v1/responses", body)
+    assert reply.status == 200
+    assert_backend_headers(reply, backend)
+    answer = reply.json()
+    assert answer["object"] == "response" and answer["id"].startswith("resp_")
+    assert answer["model"] == "gpt-4o-mini", "the alias the client sent is echoed"
+    assert isinstance(answer["created_at"], int)
+    [message] = answer["output"]
+    assert (message["type"], message["role"]) == ("message", "assistant")
+    [content] = message["content"]
+    assert content["type"] == "output_text" and content["text"].count("[") == 3
+    assert (answer["status"], answer["incomplete_details"]) == ("incomplete", {"reason": "max_output_tokens"})
+    assert answer["usage"]["input_tokens"] == 4 and answer["usage"]["output_tokens"] == 3
+    assert answer["usage"]["total_tokens"] == 7
+    assert answer["backend"]["path"] == "/v1/responses"
+
+
+def test_responses_without_a_limit_is_complete_and_takes_input_items(backend: Backend) -> None:
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "one two three"}]}]
+    answer = backend.request("POST", "/v1/responses", {"model": "chat-small", "input": items}).json()
+    assert (answer["status"], answer["incomplete_details"]) == ("completed", None)
+    assert answer["output"][0]["content"][0]["text"].count("[") == 5
+    assert answer["usage"]["input_tokens"] == 3
+
+
+def test_score_one_text_against_many_keeps_input_order(backend: Backend) -> None:
+    body = {"model": "chat-small", "text_1": "capital of france",
+            "text_2": ["bananas are yellow", "paris is the capital of france"]}
+    reply = backend.request("POST", "/v1/score", body)
+    assert reply.status == 200
+    assert_backend_headers(reply, backend)
+    answer = reply.json()
+    assert answer["object"] == "list" and answer["model"] == "chat-small" and answer["id"].startswith("score-")
+    assert [(d["index"], d["object"]) for d in answer["data"]] == [(0, "score"), (1, "score")]
+    assert all(isinstance(d["score"], float) for d in answer["data"])
+    assert answer["data"][1]["score"] > answer["data"][0]["score"], "the relevant text scores higher"
+    tokens = 3 * 2 + 3 + 6  # text_1 once per pair, then each text_2, one token a word
+    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_score_pairs_lists_and_refuses_mismatched_lengths(backend: Backend) -> None:
+    pairs = backend.request("POST", "/v1/score", {"model": "chat-small", "text_1": ["a b", "c"],
+                                                  "text_2": ["a", "d"]}).json()
+    assert [d["index"] for d in pairs["data"]] == [0, 1]
+    assert pairs["data"][0]["score"] > pairs["data"][1]["score"], "pair by pair, not all against all"
+    single = backend.request("POST", "/v1/score", {"model": "chat-small", "text_1": "a b", "text_2": "a"}).json()
+    assert single["data"][0]["score"] == pairs["data"][0]["score"], "a string is a list of one"
+    reply = backend.request("POST", "/v1/score", {"model": "chat-small", "text_1": ["a", "b"],
+                                                  "text_2": ["a", "b", "c"]})
+    assert reply.status == 400 and reply.json()["error"]["param"] == "text_1"
+
+
+def test_tokenize_then_detokenize_gives_the_prompt_back(backend: Backend) -> None:
+    prompt = "héllo  wörld ✓"
+    reply = backend.request("POST", "/tokenize", {"model": "gpt-4o-mini", "prompt": prompt})
+    assert reply.status == 200
+    assert_backend_headers(reply, backend)
+    answer = reply.json()
+    assert answer["tokens"] and all(isinstance(t, int) for t in answer["tokens"])
+    assert answer["count"] == len(answer["tokens"])
+    assert isinstance(answer["max_model_len"], int) and answer["max_model_len"] > answer["count"]
+    assert answer["token_strs"] is None, "only when return_token_strs is set, as in vLLM"
+    again = backend.request("POST", "/tokenize", {"model": "chat-small", "prompt": prompt}).json()
+    assert again["tokens"] == answer["tokens"], "deterministic"
+    back = backend.request("POST", "/detokenize", {"model": "chat-small", "tokens": answer["tokens"]})
+    assert back.status == 200
+    assert_backend_headers(back, backend)
+    assert back.json()["prompt"] == prompt
+
+
+def test_tokenize_messages_goes_through_a_chat_template(backend: Backend) -> None:
+    body = {"model": "chat-small", "messages": [{"role": "user", "content": "hi"}], "return_token_strs": True}
+    answer = backend.request("POST", "/tokenize", body).json()
+    text = backend.request("POST", "/detokenize", {"model": "chat-small", "tokens": answer["tokens"]}).json()
+    assert text["prompt"] == "user: hi\nassistant: "
+    assert "".join(answer["token_strs"]) == text["prompt"]
+    bare = backend.request("POST", "/tokenize", {**body, "add_generation_prompt": False}).json()
+    assert bare["count"] == len("user: hi\n")
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {"model": "chat-small"}, "prompt"),
+    ("/tokenize", {"model": "chat-small", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+    ("/detokenize", {"model": "chat-small", "tokens": [104, 256]}, "tokens"),
+    ("/detokenize", {"model": "chat-small", "tokens": "104"}, "tokens"),
+    ("/v1/score", {"model": "chat-small", "text_1": "x", "text_2": []}, "text_2"),
+    ("/v1/responses", {"model": "chat-small"}, "input"),
+    ("/v1/responses", {"model": "chat-small", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ("/v1/responses", {"model": "chat-small", "input": "x", "stream": True}, "stream"),
+], ids=["tokenize-nothing", "tokenize-both", "detokenize-out-of-vocabulary", "detokenize-not-a-list",
+        "score-empty", "responses-no-input", "responses-zero-limit", "responses-stream"])
+def test_invalid_vllm_requests_are_400(backend: Backend, path: str, body: dict[str, Any], param: str) -> None:
+    reply = backend.request("POST", path, body)
+    assert reply.status == 400
+    assert reply.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path", VLLM_PATHS)
+def test_vllm_paths_answer_only_for_served_models(backend: Backend, path: str) -> None:
+    reply = backend.request("POST", path, {**VLLM_PATHS[path], "model": "gpt-5"}, headers={"X-Request-ID": "v404"})
+    assert reply.status == 404
+    error = reply.json()["error"]
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "NotFoundError")
+    assert "gpt-5" in error["message"]
+    assert reply.headers["X-Request-ID"] == "v404"
+    assert_backend_headers(reply, backend)
+
+
+@pytest.mark.parametrize(("wrong", "right"), [("/v1/tokenize", "/tokenize"), ("/v1/detokenize", "/detokenize"),
+                                             ("/score", "/v1/score"), ("/responses", "/v1/responses")])
+def test_tokenizer_is_at_the_root_and_the_rest_under_the_prefix(backend: Backend, wrong: str, right: str) -> None:
+    reply = backend.request("POST", wrong, VLLM_PATHS[right])
+    assert (reply.status, reply.json()["error"]["code"]) == (404, "not_found")
+    assert backend.request("GET", right).status == 405, "the path exists, for POST only"
+
+
+@pytest.mark.parametrize("path", VLLM_PATHS)
+def test_vllm_paths_are_recorded_with_body_hash(backend: Backend, path: str) -> None:
+    raw = json.dumps({**VLLM_PATHS[path], "model": "gpt-4o-mini"}).encode()
+    reply = backend.request("POST", path, raw=raw, headers={"X-Request-ID": "vrec"})
+    assert reply.status == 200
+    assert reply.json()["backend"] == {"host": reply.headers["X-Backend-Host"], "port": backend.port,
+                                       "model": "chat-small", "path": path}
+    [record] = backend.request("GET", "/_test/requests").json()
+    assert (record["method"], record["path"], record["model"], record["request_id"]) == \
+        ("POST", path, "gpt-4o-mini", "vrec")
+    assert (record["body_length"], record["body_sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest())
+
+
+@pytest.mark.parametrize("path", VLLM_PATHS)
+def test_vllm_paths_obey_the_injected_behaviour(backend: Backend, path: str) -> None:
+    backend.behave(mode="fail", status=503)
+    reply = backend.request("POST", path, VLLM_PATHS[path])
+    assert (reply.status, reply.json()["error"]["code"]) == (503, "injected_failure")
+    assert_backend_headers(reply, backend)
+    backend.behave(mode="slow", delay=0.3)
+    started = time.monotonic()
+    assert backend.request("POST", path, VLLM_PATHS[path]).status == 200
+    assert time.monotonic() - started >= 0.3
+    assert len(backend.request("GET", "/_test/requests").json()) == 2, "the failed attempt is recorded too"
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 
@@ -370,6 +525,9 @@ def test_empty_prefix_and_clean_sigterm_even_while_hanging(tmp_path: Path) -> No
         assert reply.status == 200 and reply.headers["X-Backend-Model"] == "embed-small"
         assert backend.request("GET", "/models").status == 200
         assert backend.request("POST", "/v1/embeddings", {"model": "embed-small", "input": "x"}).status == 404
+        score = {"model": "embed-small", "text_1": "x", "text_2": "x"}
+        assert backend.request("POST", "/score", score).status == 200, "score follows the prefix"
+        assert backend.request("POST", "/tokenize", {"model": "embed-small", "prompt": "x"}).status == 200
         backend.behave(mode="hang")
 
         def hanging_request() -> None:
@@ -408,3 +566,11 @@ def test_official_openai_client_parses_responses(backend: Backend) -> None:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     records = backend.request("GET", "/_test/requests").json()
     assert any(r["path"] == "/v1/embeddings" for r in records)
+
+
+def test_official_openai_client_parses_a_response(backend: Backend) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{backend.port}/v1", api_key="unused", max_retries=0)
+    response = client.responses.create(model="gpt-4o-mini", input="hi", max_output_tokens=2)
+    assert response.output_text.count("[") == 2
+    assert response.usage.output_tokens == 2 and response.status == "incomplete"

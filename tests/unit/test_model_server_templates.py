@@ -8,7 +8,6 @@ scenario run the test backend through it.
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import sys
 from pathlib import Path
@@ -19,22 +18,12 @@ import pytest
 from ansible.errors import AnsibleFilterError
 
 import llm_registry as reg
+import model_server as ms
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles" / "model_server"
 
 
-def _load_filter_module() -> Any:
-    """Load the role's filter plugin by path, as Ansible does (it is not a package)."""
-    spec = importlib.util.spec_from_file_location("model_server_filters", ROLE / "filter_plugins" / "model_server.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ms = _load_filter_module()
 
 GROUPS = {"all": ["gpu1", "gpu2"], "llm_gpu_hosts": ["gpu1", "gpu2"]}
 BIND = "10.20.0.11"
@@ -356,6 +345,12 @@ def test_command_container_with_unbalanced_quotes_names_the_model() -> None:
     (INFINITY, "/embeddings", {"model", "input"}),
     ({**INFINITY, "endpoints": ["rerank"], "api_prefix": "/v1"}, "/v1/rerank", {"model", "query", "documents"}),
     (COMMAND, "/v1/chat/completions", {"model", "messages", "max_tokens"}),
+    ({**COMMAND, "api_prefix": "/api", "endpoints": ["rerank", "embeddings"]}, "/api/embeddings", {"model", "input"}),
+    ({**VLLM, "endpoints": ["tokenize", "responses", "score"]}, "/v1/responses",
+     {"model", "input", "max_output_tokens"}),
+    ({**VLLM, "api_prefix": "/api", "endpoints": ["tokenize", "score"]}, "/api/score", {"model", "text_1", "text_2"}),
+    ({**VLLM, "api_prefix": "/api", "endpoints": ["detokenize", "tokenize"]}, "/tokenize", {"model", "prompt"}),
+    ({**COMMAND, "api_prefix": "", "endpoints": ["detokenize"]}, "/detokenize", {"model", "tokens"}),
 ])
 def test_probe_uses_the_models_first_endpoint(entry: dict[str, Any], path: str, body_keys: set[str]) -> None:
     probe = plan_of(entry)["probe"]
@@ -363,6 +358,34 @@ def test_probe_uses_the_models_first_endpoint(entry: dict[str, Any], path: str, 
     assert set(probe["body"]) == body_keys
     assert probe["body"]["model"] == entry["name"]
     assert probe["body"].get("max_tokens", 1) == 1
+    assert probe["body"].get("max_output_tokens", 1) == 1
+
+
+def test_probe_path_is_the_registry_backend_path() -> None:
+    """The ready check must hit the path the gateway proxies to, so both read the registry's paths."""
+    for entry in (VLLM, INFINITY, COMMAND, {**COMMAND, "api_prefix": "/api"}, {**INFINITY, "api_prefix": "/v1"}):
+        [model] = reg.llm_registry_normalize([{"hosts": ["gpu1"], **entry}], GROUPS)
+        [plan] = ms.model_server_plan([model], settings())
+        endpoint = next(e for e in ("chat", "completions", "embeddings", "rerank") if e in model["endpoints"])
+        assert plan["probe"]["path"] == model["paths"][endpoint] == reg.backend_path(endpoint, model["api_prefix"])
+
+
+def test_every_registry_endpoint_has_a_probe_and_chat_comes_first() -> None:
+    assert set(ms.PROBE_BODIES) == set(reg.ENDPOINTS)
+    assert list(ms.PROBE_BODIES)[:4] == ["chat", "completions", "embeddings", "rerank"]
+
+
+def test_probe_bodies_are_not_shared_between_plans() -> None:
+    first, second = plan_of(VLLM), plan_of({**VLLM, "name": "other", "aliases": []})
+    first["probe"]["body"]["messages"][0]["content"] = "changed"
+    assert second["probe"]["body"]["messages"][0]["content"] == ms.PROBE_TEXT
+    assert ms.PROBE_BODIES["chat"]["messages"][0]["content"] == ms.PROBE_TEXT
+
+
+def test_probe_without_a_known_endpoint_names_the_model() -> None:
+    [model] = reg.llm_registry_normalize([{"hosts": ["gpu1"], **VLLM}], GROUPS)
+    with pytest.raises(AnsibleFilterError, match="model 'qwen-chat': no ready probe for endpoints images"):
+        ms.probe({**model, "endpoints": ["images"], "paths": {}})
 
 
 def test_probe_is_answered_by_the_test_backend() -> None:

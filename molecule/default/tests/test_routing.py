@@ -12,101 +12,37 @@ import json
 import ssl
 import time
 import urllib.request
-from dataclasses import dataclass
+from typing import Any, Callable
 
 import pytest
 import requests
 
-from lab_pytest import hosts_of, wait_until
+from lab_pytest import assert_openai_error, backend_path, landed, post, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
-ENDPOINT_PATHS = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-    "rerank": "/v1/rerank",
-}
-# Where each engine expects each endpoint: Infinity-style backends serve it without /v1.
-BACKEND_SUFFIX = {
-    "chat": "/chat/completions",
-    "completions": "/completions",
-    "embeddings": "/embeddings",
-    "rerank": "/rerank",
-}
 BODY_LIMIT = 16 * 1024 * 1024  # gateway_client_max_body_size default (16m)
-
-
-@dataclass(frozen=True)
-class Backend:
-    host: str
-    url: str
-    model: dict
-
-    def received(self) -> list[dict]:
-        records = requests.get(f"{self.url}/_test/requests", timeout=5).json()
-        return [r for r in records if r["method"] == "POST"]  # health probes are not API traffic
-
-    def clear(self) -> None:
-        requests.delete(f"{self.url}/_test/requests", timeout=5).raise_for_status()
-
-
-@pytest.fixture(scope="module")
-def backends(registry, inventory, address_of) -> list[Backend]:
-    """One Backend per (model, host), hosts expanded from groups as the registry does."""
-    found = []
-    for model in registry:
-        for host in hosts_of(model, inventory):
-            found.append(Backend(host, f"http://{address_of(host)}:{model['port']}", model))
-    return found
-
-
-@pytest.fixture()
-def clean(backends) -> list[Backend]:
-    for backend in backends:
-        backend.clear()
-    return backends
+# A valid request for each endpoint around a padding string. "model" stands after the padding,
+# and in some before other members, so the gateway's readers find it in the body's tail.
+PAYLOADS: dict[str, Callable[[str, str], dict[str, Any]]] = {
+    "chat": lambda pad, model: {"messages": [{"role": "user", "content": pad}], "model": model, "max_tokens": 2},
+    "completions": lambda pad, model: {"prompt": pad, "model": model, "max_tokens": 2},
+    "embeddings": lambda pad, model: {"input": pad, "model": model},
+    "rerank": lambda pad, model: {"query": "q", "documents": [pad], "model": model},
+    "responses": lambda pad, model: {"input": pad, "model": model, "max_output_tokens": 2},
+    "score": lambda pad, model: {"text_1": "q", "text_2": [pad], "model": model},
+    "tokenize": lambda pad, model: {"prompt": pad, "model": model},
+    # Token ids, not text: ", 120" takes 5 bytes, so the body keeps about the size asked for.
+    "detokenize": lambda pad, model: {"tokens": [120] * (len(pad) // 5), "model": model},
+}
 
 
 def request_body(model: str, endpoint: str, size: int = 1024) -> bytes:
     """A valid request of about `size` bytes; padding sits in the payload, before "model"."""
-    if endpoint == "chat":
-        payload = {"messages": [{"role": "user", "content": ""}], "model": model, "max_tokens": 2}
-        key = ("messages", 0, "content")
-    elif endpoint == "completions":
-        payload = {"prompt": "", "model": model, "max_tokens": 2}
-        key = ("prompt",)
-    elif endpoint == "embeddings":
-        payload = {"input": "", "model": model}
-        key = ("input",)
-    else:
-        payload = {"query": "q", "documents": [""], "model": model}
-        key = ("documents", 0)
-    base = len(json.dumps(payload).encode())
-    target = payload
-    for part in key[:-1]:
-        target = target[part]
-    target[key[-1]] = "x" * max(0, size - base)
-    return json.dumps(payload).encode()
+    def encode(pad: str) -> bytes:
+        return json.dumps(PAYLOADS[endpoint](pad, model)).encode()
 
-
-def post(gateway_url: str, endpoint: str, body: bytes, headers: dict | None = None) -> requests.Response:
-    return requests.post(gateway_url + ENDPOINT_PATHS[endpoint], data=body,
-                         headers={"Content-Type": "application/json", **(headers or {})}, timeout=60)
-
-
-def assert_openai_error(response: requests.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text[:300]
-    assert response.headers["Content-Type"].startswith("application/json"), response.headers
-    error = response.json()["error"]
-    assert error["message"] and error["type"]
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
-def landed(backends: list[Backend]) -> dict[tuple[str, str], list[dict]]:
-    return {(b.model["name"], b.host): b.received() for b in backends if b.received()}
+    return encode("x" * max(0, size - len(encode(""))))
 
 
 # --- routing -----------------------------------------------------------------------------
@@ -132,7 +68,7 @@ def test_every_model_lands_only_on_its_own_hosts_for_every_endpoint(gateway_url,
             assert {h for _, h in hits} == own_hosts, "balanced over every host that serves the model"
             for records in hits.values():
                 for record in records:
-                    assert record["path"] == model.get("api_prefix", "/v1") + BACKEND_SUFFIX[endpoint]
+                    assert record["path"] == backend_path(model, endpoint)
                     assert record["body_length"] == len(body)
                     assert record["body_sha256"] == sent, "the body reaches the backend byte for byte"
 

@@ -6,11 +6,16 @@ it. Validation lives here, in Python with unit tests, because a registry mistake
 (a typo'd key, a port used twice on one host, an alias that shadows another
 model) would otherwise surface as a silently wrong route at request time.
 
+It is also the one place that says which API paths exist (API_ENDPOINTS) and
+where each engine serves them (backend_path): the gateway renders its locations
+from llm_api_endpoints, and every normalised model carries its own `paths`.
+
 Filters:
     llm_registry_normalize(models, groups)      -> normalized list (validated)
     llm_host_models(normalized, hostname)       -> models to run on one host
     llm_gateway_upstreams(normalized, hostvars) -> nginx upstream blocks
     llm_gateway_routes(normalized)              -> name/alias -> route (for njs)
+    llm_api_endpoints(ignored)                  -> [{name, path}] the gateway serves
 """
 
 from __future__ import annotations
@@ -33,8 +38,25 @@ IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._/-][a-z0
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 ENGINES = ("vllm", "infinity", "command")
-# Order matters only for readability of generated config; keep it canonical.
-ENDPOINTS = ("chat", "completions", "embeddings", "rerank")
+# Every endpoint the gateway serves, with the path clients call. The one table of the API:
+# the gateway's locations, the router's data, the registry's checks and the model_server
+# probe all derive from it. Order matters only for readability of generated config.
+API_ENDPOINTS: tuple[tuple[str, str], ...] = (
+    ("chat", "/v1/chat/completions"),
+    ("completions", "/v1/completions"),
+    ("embeddings", "/v1/embeddings"),
+    ("rerank", "/v1/rerank"),
+    ("responses", "/v1/responses"),
+    ("score", "/v1/score"),
+    ("tokenize", "/tokenize"),
+    ("detokenize", "/detokenize"),
+)
+ENDPOINTS = tuple(name for name, _ in API_ENDPOINTS)
+GATEWAY_PATHS = dict(API_ENDPOINTS)
+# The part of a gateway path that the model's api_prefix replaces.
+GATEWAY_API_PREFIX = "/v1"
+# What each engine can serve: Infinity has no generation or tokenizer endpoints.
+ENGINE_ENDPOINTS = {"vllm": ENDPOINTS, "infinity": ("embeddings", "rerank"), "command": ENDPOINTS}
 RUNTIMES = ("systemd", "docker")
 DEFAULT_ENDPOINTS = {"vllm": ["chat", "completions"], "infinity": ["embeddings", "rerank"]}
 # Infinity serves /embeddings without /v1 unless started with --url-prefix.
@@ -112,13 +134,35 @@ def _check_choice(value: Any, choices: Iterable[str]) -> str:
     return str(value)
 
 
-def _check_endpoints(value: Any) -> list[str]:
-    """A model must serve at least one endpoint or the gateway could never route to it."""
+def backend_path(endpoint: str, api_prefix: str) -> str:
+    """The path a model's server answers an endpoint at, given its api_prefix.
+
+    Paths under /v1 move under the model's prefix (Infinity's "" serves /embeddings);
+    the others (vLLM's /tokenize, /detokenize) sit at the server's root whatever the prefix.
+    """
+    if endpoint not in GATEWAY_PATHS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; known: {', '.join(ENDPOINTS)}")
+    path = GATEWAY_PATHS[endpoint]
+    if path.startswith(GATEWAY_API_PREFIX + "/"):
+        return api_prefix + path[len(GATEWAY_API_PREFIX):]
+    return path
+
+
+def _check_endpoints(value: Any, engine: str | None) -> list[str]:
+    """A model must serve at least one endpoint or the gateway could never route to it.
+
+    One its engine lacks is refused too: the gateway would route to it and every request would fail.
+    """
     if not isinstance(value, list) or not value:
         raise _FieldError(f"must be a non-empty list from {', '.join(ENDPOINTS)}, got {_describe(value)}")
     bad = [item for item in value if not isinstance(item, str) or item not in ENDPOINTS]
     if bad:
         raise _FieldError(f"must only contain {', '.join(ENDPOINTS)}, got {', '.join(_describe(b) for b in bad)}")
+    served = ENGINE_ENDPOINTS.get(engine or "", ENDPOINTS)
+    unserved = [endpoint for endpoint in ENDPOINTS if endpoint in value and endpoint not in served]
+    if unserved:
+        raise _FieldError(f"engine '{engine}' does not serve {', '.join(repr(e) for e in unserved)}; "
+                          f"it serves {', '.join(served)}")
     return [endpoint for endpoint in ENDPOINTS if endpoint in value]
 
 
@@ -130,7 +174,7 @@ def _check_port(value: Any) -> int:
 
 
 def _check_api_prefix(value: Any) -> str:
-    """The prefix is glued in front of /chat/completions etc., so no trailing slash."""
+    """The prefix replaces /v1 in the gateway's paths (see backend_path), so no trailing slash."""
     if not isinstance(value, str) or not API_PREFIX_RE.match(value):
         raise _FieldError(f"must be \"\" or a path like \"/v1\" (no trailing slash), got {_describe(value)}")
     return str(value)
@@ -277,7 +321,7 @@ def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: li
 
     # The rest depends on the engine; with an invalid engine there is nothing sound to check against.
     if "endpoints" in raw:
-        model["endpoints"] = entry.check("endpoints", raw["endpoints"], _check_endpoints)
+        model["endpoints"] = entry.check("endpoints", raw["endpoints"], _check_endpoints, engine)
     elif engine in DEFAULT_ENDPOINTS:
         model["endpoints"] = list(DEFAULT_ENDPOINTS[engine])
     elif engine == "command":
@@ -310,24 +354,43 @@ def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: li
 
     valid_names = model["name"] is not None and model["aliases"] is not None
     model["served_names"] = [model["name"], *model["aliases"]] if valid_names else None
+    # Computed once here so the gateway's routes and the model_server probe cannot disagree.
+    endpoints, api_prefix = model.get("endpoints"), model.get("api_prefix")
+    model["paths"] = ({endpoint: backend_path(endpoint, api_prefix) for endpoint in endpoints}
+                      if endpoints is not None and api_prefix is not None else None)
     return model, entry.ok
 
 
+def _owner(models: list[dict[str, Any]], other: int, index: int) -> str:
+    """Name the model that already holds a name, as seen from model `index`."""
+    return "this model" if other == index else f"model '{models[other]['name']}' ({REGISTRY}[{other}])"
+
+
 def _check_unique_names(models: list[dict[str, Any]], errors: list[str]) -> None:
-    """A name or alias used twice would make the gateway's route depend on list order."""
+    """A name or alias used twice would make the gateway's route depend on list order.
+
+    So would two names that differ only in case: the gateway's name lookup does not tell
+    them apart. Names are ASCII (NAME_RE), so lower() is the whole case rule.
+    """
     owner: dict[str, int] = {}
+    first_spelling: dict[str, tuple[str, int]] = {}
     for index, model in enumerate(models):
         if not model.get("served_names"):
             continue
         for position, served in enumerate(model["served_names"]):
             field = "name" if position == 0 else "aliases"
+            label = f"{REGISTRY}: model '{model['name']}': field '{field}'"
             if served in owner:
-                other = owner[served]
-                where = "this model" if other == index else f"model '{models[other]['name']}' ({REGISTRY}[{other}])"
-                errors.append(f"{REGISTRY}: model '{model['name']}': field '{field}': "
-                              f"'{served}' is already used by {where}")
+                errors.append(f"{label}: '{served}' is already used by {_owner(models, owner[served], index)}")
+                continue
+            owner[served] = index
+            if served.lower() in first_spelling:
+                spelling, other = first_spelling[served.lower()]
+                errors.append(f"{label}: '{served}' differs only in case from '{spelling}' of "
+                              f"{_owner(models, other, index)}; the gateway's name lookup does not tell them apart: "
+                              f"rename one")
             else:
-                owner[served] = index
+                first_spelling[served.lower()] = (served, index)
 
 
 def _check_host_conflicts(models: list[dict[str, Any]], errors: list[str]) -> None:
@@ -403,7 +466,7 @@ def llm_registry_normalize(models: Any, groups: Mapping[str, Any]) -> list[dict[
 def _require_normalized(normalized: Any, filter_name: str) -> list[Mapping[str, Any]]:
     """Catch the easy mistake of passing raw llm_models where llm_registry is expected."""
     if not isinstance(normalized, list) or not all(
-        isinstance(m, Mapping) and "upstream" in m and "served_names" in m for m in normalized
+        isinstance(m, Mapping) and {"upstream", "served_names", "paths"} <= set(m) for m in normalized
     ):
         raise AnsibleFilterError(
             f"{filter_name}: expects the output of llm_registry_normalize (llm_registry), not raw llm_models"
@@ -454,20 +517,28 @@ def llm_gateway_routes(normalized: Any) -> dict[str, dict[str, Any]]:
     """Every name and alias a client may send, mapped to where the njs router sends it."""
     routes: dict[str, dict[str, Any]] = {}
     for model in _require_normalized(normalized, "llm_gateway_routes"):
-        route = {
-            "id": model["name"],
-            "upstream": model["upstream"],
-            "prefix": model["api_prefix"],
-            "endpoints": list(model["endpoints"]),
-            "engine": model["engine"],
-            "aliases": list(model["aliases"]),
-        }
         for served in model["served_names"]:
             if served in routes:
                 raise AnsibleFilterError(f"llm_gateway_routes: name '{served}' is served by two models")
             # A copy per name: shared objects would render as YAML anchors if anyone dumps them.
-            routes[served] = {**route, "endpoints": list(route["endpoints"]), "aliases": list(route["aliases"])}
+            routes[served] = {
+                "id": model["name"],
+                "upstream": model["upstream"],
+                "endpoints": list(model["endpoints"]),
+                "paths": dict(model["paths"]),
+                "engine": model["engine"],
+                "aliases": list(model["aliases"]),
+            }
     return routes
+
+
+def llm_api_endpoints(_ignored: Any = None) -> list[dict[str, str]]:
+    """The gateway's API as [{name, path}] in table order, for templates: `{{ none | llm_api_endpoints }}`.
+
+    A filter needs an input; this one takes any and ignores it, so the table stays here
+    rather than being copied into the gateway's variables.
+    """
+    return [{"name": name, "path": path} for name, path in API_ENDPOINTS]
 
 
 class FilterModule:
@@ -480,4 +551,5 @@ class FilterModule:
             "llm_host_models": llm_host_models,
             "llm_gateway_upstreams": llm_gateway_upstreams,
             "llm_gateway_routes": llm_gateway_routes,
+            "llm_api_endpoints": llm_api_endpoints,
         }

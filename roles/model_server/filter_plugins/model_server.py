@@ -15,6 +15,7 @@ Filters:
 
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +37,19 @@ BRACED_VARIABLE = re.compile(r"\$\{(LLM_[A-Z_]+)\}")
 LONE_VARIABLE = re.compile(r"\$(LLM_[A-Z_]+)")
 TENSOR_PARALLEL_FLAGS = ("--tensor-parallel-size", "-tp")
 PROBE_TEXT = "ping"
+# The ready check's request for each endpoint, in the order the probe prefers them: a
+# generation when the model has one, else a vector or a score; the tokenizer last, as it
+# proves the served name but not the weights. Every registry endpoint has an entry.
+PROBE_BODIES: dict[str, dict[str, Any]] = {
+    "chat": {"messages": [{"role": "user", "content": PROBE_TEXT}], "max_tokens": 1},
+    "completions": {"prompt": PROBE_TEXT, "max_tokens": 1},
+    "embeddings": {"input": PROBE_TEXT},
+    "rerank": {"query": PROBE_TEXT, "documents": [PROBE_TEXT]},
+    "responses": {"input": PROBE_TEXT, "max_output_tokens": 1},
+    "score": {"text_1": PROBE_TEXT, "text_2": PROBE_TEXT},
+    "tokenize": {"prompt": PROBE_TEXT},
+    "detokenize": {"tokens": [0]},
+}
 
 SETTINGS_KEYS = ("prefix", "home", "hf_home", "bind_address", "offline", "versions", "images", "pip_packages")
 
@@ -138,17 +152,15 @@ def probe(model: Mapping[str, Any]) -> dict[str, Any]:
 
     /health only says the process is up; a request through the model's own endpoint proves
     that the weights loaded and that the served name the gateway sends is the one it answers to.
+    The path is the registry's (the normalised entry's `paths`), the one the gateway proxies to.
     """
-    name, endpoints, prefix = model["name"], model["endpoints"], model["api_prefix"]
-    if "chat" in endpoints:
-        path, body = "/chat/completions", {"messages": [{"role": "user", "content": PROBE_TEXT}], "max_tokens": 1}
-    elif "completions" in endpoints:
-        path, body = "/completions", {"prompt": PROBE_TEXT, "max_tokens": 1}
-    elif "embeddings" in endpoints:
-        path, body = "/embeddings", {"input": PROBE_TEXT}
-    else:
-        path, body = "/rerank", {"query": PROBE_TEXT, "documents": [PROBE_TEXT]}
-    return {"path": prefix + path, "body": {"model": name, **body}}
+    endpoint = next((endpoint for endpoint in PROBE_BODIES if endpoint in model["endpoints"]), None)
+    if endpoint is None:
+        raise AnsibleFilterError(f"model_server: model '{model['name']}': no ready probe for endpoints "
+                                 f"{', '.join(model['endpoints'])}")
+    # A copy: plans that shared the nested lists would render as YAML anchors in a dump.
+    body = copy.deepcopy(PROBE_BODIES[endpoint])
+    return {"path": model["paths"][endpoint], "body": {"model": model["name"], **body}}
 
 
 def _environment(model: Mapping[str, Any], settings: Mapping[str, Any], runtime: str) -> list[list[str]]:
