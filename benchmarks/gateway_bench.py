@@ -6,15 +6,18 @@ Starts, on 127.0.0.1 high ports:
     backend), plus a "decoy" server that answers 409;
   - plain:   nginx proxy_pass to the backend with the same proxy settings as the gateway
              (keepalive, buffers, buffering off), minus the routing;
-  - gateway: the role's own templates and router.js, rendered as in the unit tests.
+  - gateway: the role itself, rendered by tests/support/gateway_lab.py from a registry in
+             which chat-small is served by the backend and chat-large by the decoy (and,
+             with --registry-size, more models the traffic never names).
 Then drives each with wrk (POST, one connection pool, fixed duration) for bodies of 400 B,
-100 KB and 1 MB, with the top-level "model" last and, for the big ones, first. Each body
-carries a nested "model" naming the decoy in a tool schema, so a router that picked the
-nested key would get 409s (counted as errors). With two CPUs or more, the proxy under test
-runs on the first and wrk and the backend on the second: what is measured is the proxy's
-own cost, not how the scheduler shares two cores among three busy processes. Rounds run
-direct/plain/gateway and then the reverse order, so that a drift in the machine's speed
-falls on all alike; the table shows the median round.
+100 KB and 1 MB, each with the top-level "model" last and first. Each body carries a nested
+"model" naming the decoy in a tool schema, so a router that picked the nested key would get
+409s (counted as errors). Before a body is measured, one request must reach the backend,
+routed by nginx (the access log's "router" field), not by njs. With two CPUs or more, the
+proxy under test runs on the first and wrk and the backend on the second: what is measured
+is the proxy's own cost, not how the scheduler shares two cores among three busy processes.
+Rounds run direct/plain/gateway and then the reverse order, so that a drift in the
+machine's speed falls on all alike; the table shows the median round.
 
 A virtual machine's speed also changes from one second to the next, more than the routing
 costs. So the script also loads plain and gateway at the same time, both on the proxies'
@@ -22,7 +25,12 @@ CPU, each with its own wrk: the scheduler gives each worker half of that CPU, an
 of their req/s is the ratio of their costs per request, measured in the same seconds
 ("same CPU" column). Every number printed is measured in this run.
 
-    benchmarks/gateway_bench.py [--duration 4] [--rounds 5] [--connections 16]
+--config-size measures nothing: it renders the role for the lab inventory's registry and
+prints the lines and bytes of the gateway's nginx files.
+
+    .venv/bin/python benchmarks/gateway_bench.py [--duration 4] [--rounds 5] [--connections 16]
+                                                 [--registry-size 2] [--bodies LABEL ...]
+    .venv/bin/python benchmarks/gateway_bench.py --config-size
 """
 
 from __future__ import annotations
@@ -35,25 +43,28 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
-from collections.abc import Callable
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "unit"))
+# As tests/conftest.py: the harness and the roles' plugins are plain modules on sys.path.
+for _path in reversed([REPO / "tests" / "support", *sorted((REPO / "roles").glob("*/filter_plugins"))]):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from test_gateway_router import (  # noqa: E402 - the shared harness lives with the unit tests
+import yaml  # noqa: E402
+from gateway_lab import (  # noqa: E402 - after the sys.path set-up above
     NGINX,
     NJS_MODULE,
-    Upstream,
+    ROLE,
     free_port,
+    model,
     nginx_missing,
     render_gateway,
-    role_defaults,
-    route,
-    routes_for,
     start_nginx,
     stop,
 )
@@ -64,10 +75,23 @@ CPUS = sorted(os.sched_getaffinity(0))
 PINNED = len(CPUS) >= 2
 PROXY_CPUS, LOAD_CPUS = ({CPUS[0]}, {CPUS[1]}) if PINNED else (None, None)
 # label -> (bytes, whether the top-level "model" comes first). SDKs such as openai-python send
-# it after "messages" (last here); hand-written requests often put it first.
-SIZES = {"400 B": (400, False), "100 KB": (100 * 1024, False), "1 MB": (1024 * 1024, False),
-         "100 KB, model first": (100 * 1024, True), "1 MB, model first": (1024 * 1024, True)}
+# it after "messages" (last here); curl examples and many clients put it first.
+BODIES = {f"{size}, model {where}": (nbytes, where == "first")
+          for size, nbytes in (("400 B", 400), ("100 KB", 100 * 1024), ("1 MB", 1024 * 1024))
+          for where in ("last", "first")}
 MAX_BODY = "16m"
+# Registry hosts: the backend's address, and one where nothing listens for the extra models.
+BACKEND_ADDRESS = "127.0.0.1"
+ADDRESSES = {"bench-gpu": BACKEND_ADDRESS, "bench-idle": "127.0.0.3"}
+IDLE_PORT_BASE = 20000
+# The lab inventory (inventories/lab) and made-up private addresses for its GPU hosts.
+LAB_MODELS = REPO / "inventories" / "lab" / "group_vars" / "all" / "llm_models.yml"
+LAB_HOSTS = REPO / "inventories" / "lab" / "hosts.yml"
+# The paths and header the role writes on a gateway host, instead of the lab's temporary ones,
+# so that the size does not depend on where the files were rendered.
+AS_ON_A_HOST = {"ansible_managed": "Ansible managed", "gateway_access_log": "/var/log/nginx/llm-access.log",
+                "__gateway_tls_certificate_path": "/etc/nginx/llm/tls/gateway.crt",
+                "__gateway_tls_key_path": "/etc/nginx/llm/tls/gateway.key"}
 
 WRK_SCRIPT = """
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
@@ -94,10 +118,24 @@ def body_of_size(size: int, model_first: bool = False) -> bytes:
         "name": "pick", "parameters": {"type": "object", "properties": {"model": {"type": "string"}}},
         "model": "chat-large"}}]
     body["messages"] = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": ""}]
-    body["model"] = "chat-small"
+    body["model"] = "chat-small"  # a key already there keeps its place
     base = len(json.dumps(body))
     body["messages"][1]["content"] = ("lorem ipsum dolor sit amet " * (size // 27 + 1))[:max(size - base, 1)]
     return json.dumps(body).encode()
+
+
+def bench_registry(backend_port: int, decoy_port: int, size: int) -> list[dict[str, Any]]:
+    """llm_models: chat-small on the backend, chat-large on the decoy, then size-2 idle models.
+
+    Each idle model has two aliases, so the name table holds 2 + 3 * (size - 2) names; no
+    request names them, they only make the table (and the upstreams) as big as a real one.
+    """
+    models = [model("chat-small", ["bench-gpu"], backend_port), model("chat-large", ["bench-gpu"], decoy_port)]
+    for i in range(size - 2):
+        name = f"idle-model-{i:05d}"
+        models.append(model(name, ["bench-idle"], IDLE_PORT_BASE + i,
+                            aliases=[f"{name}-instruct", f"vendor/{name}:latest"]))
+    return models
 
 
 def write_nginx_conf(root: Path, http_block: str) -> Path:
@@ -125,11 +163,11 @@ def backend_conf(root: Path, port: int, decoy_port: int) -> Path:
     # What an OpenAI-compatible backend answers with.
     default_type application/json;
     server {{
-        listen 127.0.0.1:{port};
+        listen {BACKEND_ADDRESS}:{port};
         location / {{ return 200 '{{"id":"cmpl-1","object":"chat.completion","choices":[]}}'; }}
     }}
     server {{
-        listen 127.0.0.1:{decoy_port};
+        listen {BACKEND_ADDRESS}:{decoy_port};
         location / {{ return 409 '{{"error":"the decoy was routed"}}'; }}
     }}""")
 
@@ -138,7 +176,7 @@ def plain_conf(root: Path, port: int, backend_port: int) -> Path:
     """nginx proxy_pass with the gateway's proxy settings but no routing."""
     return write_nginx_conf(root, f"""
     access_log {root}/logs/access.log;
-    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 32; keepalive_timeout 4s; }}
+    upstream backend {{ server {BACKEND_ADDRESS}:{backend_port}; keepalive 32; keepalive_timeout 4s; }}
     server {{
         listen 127.0.0.1:{port};
         client_max_body_size {MAX_BODY};
@@ -152,6 +190,12 @@ def plain_conf(root: Path, port: int, backend_port: int) -> Path:
     }}""")
 
 
+def heap_environment() -> dict[str, str]:
+    """The environment the role's systemd drop-in gives nginx.service (MALLOC_TOP_PAD_)."""
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    return {"MALLOC_TOP_PAD_": str(defaults["gateway_malloc_top_pad"])}
+
+
 @dataclass
 class Result:
     """One wrk run."""
@@ -160,21 +204,6 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
-
-
-def on_cpus(cpus: set[int] | None, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """Start an nginx (master and workers inherit this process's CPUs) on `cpus`, when pinning.
-
-    Its workers run as another user, whose affinity only CAP_SYS_NICE could change later.
-    """
-    if cpus is None:
-        return start()
-    everything = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        return start()
-    finally:
-        os.sched_setaffinity(0, everything)
 
 
 def start_wrk(url: str, body: Path, script: Path, duration: int, connections: int) -> subprocess.Popen[str]:
@@ -195,13 +224,29 @@ def wrk_result(proc: subprocess.Popen[str]) -> Result:
                   p99_ms=data["p99_us"] / 1000, errors=data["status_errors"] + data["socket_errors"])
 
 
-def check_route(url: str, body: bytes) -> None:
-    """Before measuring: the gateway must answer from the real backend, not the decoy."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def check_route(url: str, body: bytes, access_log: Path) -> None:
+    """Before measuring: the body must reach the chat-small backend, routed by nginx alone.
+
+    A body njs routed would measure the fallback, not the routing; the access log says
+    which half routed it (it is flushed at least once a second).
+    """
+    request_id = f"bench-{uuid.uuid4().hex}"
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                              "X-Request-ID": request_id})
     with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 - loopback URL built here
         answer = reply.read()
     if b"chat.completion" not in answer:
         raise SystemExit(f"gateway answered {answer[:200]!r}, not the chat-small backend")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in access_log.read_text().splitlines() if access_log.exists() else []:
+            entry = json.loads(line)
+            if entry["request_id"] == request_id:
+                if (entry["router"], entry["model"]) != ("nginx", "chat-small"):
+                    raise SystemExit(f"the gateway did not route the body by nginx alone: {entry}")
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"request {request_id} never appeared in {access_log}")
 
 
 def median_result(results: list[Result]) -> Result:
@@ -210,15 +255,35 @@ def median_result(results: list[Result]) -> Result:
     return ordered[len(ordered) // 2]
 
 
-def main() -> int:
+def file_size(path: Path) -> tuple[int, int]:
+    """Lines and bytes of a file."""
+    data = path.read_bytes()
+    return data.count(b"\n"), len(data)
+
+
+def config_size() -> int:
+    """Render the role for the lab registry and print the size of its nginx files."""
+    models = yaml.safe_load(LAB_MODELS.read_text())["llm_models"]
+    gpu_hosts = yaml.safe_load(LAB_HOSTS.read_text())["all"]["children"]["llm_gpu_hosts"]["hosts"]
+    addresses = {host: f"10.0.0.{11 + i}" for i, host in enumerate(sorted(gpu_hosts))}
+    with tempfile.TemporaryDirectory(prefix="gateway-config-") as tmp:
+        root = Path(tmp)
+        render_gateway(root, models, addresses, **AS_ON_A_HOST)
+        files = [root / "llm" / "gateway.conf", root / "llm" / "find-model.conf"]
+        names = sum(1 + len(m.get("aliases", [])) for m in models)
+        print(f"lab registry ({LAB_MODELS.relative_to(REPO)}): {len(models)} models, {names} names, "
+              f"GPU hosts {', '.join(sorted(addresses))}")
+        total_lines = total_bytes = 0
+        for path in files:
+            lines, nbytes = file_size(path)
+            total_lines, total_bytes = total_lines + lines, total_bytes + nbytes
+            print(f"{path.name:>16}: {lines:5d} lines {nbytes:7d} bytes")
+        print(f"{'together':>16}: {total_lines:5d} lines {total_bytes:7d} bytes")
+    return 0
+
+
+def measure(args: argparse.Namespace) -> int:
     """Start everything, measure, print the table, stop what was started."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (default 4)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per size (default 5)")
-    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
-                        help="body sizes to measure (default: all)")
-    args = parser.parse_args()
     reason = nginx_missing() or (None if Path(WRK).exists() else "wrk not found (apt install wrk)")
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
@@ -228,37 +293,40 @@ def main() -> int:
     ports = {name: free_port() for name in ("backend", "decoy", "plain", "gateway")}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(on_cpus(LOAD_CPUS, lambda: start_nginx(
-            backend_conf(work / "backend", ports["backend"], ports["decoy"]), ports["backend"])))
+        procs.append(start_nginx(backend_conf(work / "backend", ports["backend"], ports["decoy"]), ports["backend"],
+                                 cpus=LOAD_CPUS))
         # Both proxies run with the environment the gateway role gives nginx.service.
-        heap = {"MALLOC_TOP_PAD_": str(role_defaults()["gateway_malloc_top_pad"])}
-        procs.append(on_cpus(PROXY_CPUS, lambda: start_nginx(
-            plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"], heap)))
-        entries = [route("chat-small", "llm_chat_small", "/v1", ["chat", "completions"], []),
-                   route("chat-large", "llm_chat_large", "/v1", ["chat", "completions"], [])]
-        upstreams = [Upstream("llm_chat_large", "chat-large", [f"127.0.0.1:{ports['decoy']}"]),
-                     Upstream("llm_chat_small", "chat-small", [f"127.0.0.1:{ports['backend']}"])]
-        conf = render_gateway(work / "gateway", routes_for(entries), upstreams, ["chat-small", "chat-large"],
-                              gateway_http_port=ports["gateway"], gateway_https_port=0,
-                              gateway_client_max_body_size=MAX_BODY)
-        procs.append(on_cpus(PROXY_CPUS, lambda: start_nginx(conf, ports["gateway"], heap)))
+        heap = heap_environment()
+        procs.append(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"], heap,
+                                 PROXY_CPUS))
+        registry = bench_registry(ports["backend"], ports["decoy"], args.registry_size)
+        started = time.monotonic()
+        conf = render_gateway(work / "gateway", registry, ADDRESSES, gateway_http_port=ports["gateway"],
+                              gateway_https_port=0, gateway_client_max_body_size=MAX_BODY)
+        rendered = time.monotonic() - started
+        procs.append(start_nginx(conf, ports["gateway"], heap, PROXY_CPUS))
+        access_log = work / "gateway" / "logs" / "llm-access.log"
 
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT)
         targets = {
-            "direct": f"http://127.0.0.1:{ports['backend']}/v1/chat/completions",
+            "direct": f"http://{BACKEND_ADDRESS}:{ports['backend']}/v1/chat/completions",
             "plain": f"http://127.0.0.1:{ports['plain']}/v1/chat/completions",
             "gateway": f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions",
         }
+        names = sum(1 + len(m["aliases"]) for m in registry)
+        lines, nbytes = file_size(work / "gateway" / "llm" / "gateway.conf")
         print(f"nginx: {subprocess.run([NGINX, '-v'], capture_output=True, text=True).stderr.strip()}; "
               f"njs module: {NJS_MODULE}; {args.rounds} rounds x {args.duration}s, {args.connections} connections; "
               + (f"proxy on CPU {CPUS[0]}, wrk and backend on CPU {CPUS[1]}" if PINNED else "one CPU: nothing pinned"))
+        print(f"gateway registry: {len(registry)} models, {names} names; gateway.conf {lines} lines, {nbytes} bytes, "
+              f"rendered in {rendered:.1f} s")
         rows = []
-        for label in args.sizes:
-            size, model_first = SIZES[label]
+        for label in args.bodies:
+            size, model_first = BODIES[label]
             body = work / f"body-{size}-{int(model_first)}.json"
             body.write_bytes(body_of_size(size, model_first))
-            check_route(targets["gateway"], body.read_bytes())
+            check_route(targets["gateway"], body.read_bytes(), access_log)
             runs: dict[str, list[Result]] = {name: [] for name in targets}
             shared: list[float] = []
             for round_no in range(args.rounds):
@@ -274,13 +342,14 @@ def main() -> int:
                 runs["gateway"][-1].errors += gateway_share.errors
             best = {name: median_result(results) for name, results in runs.items()}
             ratios = [g.rps / p.rps for g, p in zip(runs["gateway"], runs["plain"])]
-            rows.append((label, len(body.read_bytes()), best, statistics.median(ratios), shared))
+            rows.append((label, len(body.read_bytes()), best, ratios, shared))
 
         print(f"\n{'body':>19} {'bytes':>8} | {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
               f" | gateway/plain: alone, same CPU (median; lowest-highest)")
-        for label, nbytes, best, ratio, shared in rows:
+        for label, nbytes, best, ratios, shared in rows:
             for name, result in best.items():
-                share = (f"{ratio:6.1%}, {statistics.median(shared):6.1%} ({min(shared):.1%}-{max(shared):.1%})"
+                share = (f"{statistics.median(ratios):6.1%} ({min(ratios):.1%}-{max(ratios):.1%}), "
+                         f"{statistics.median(shared):6.1%} ({min(shared):.1%}-{max(shared):.1%})"
                          if name == "gateway" else "")
                 print(f"{label:>19} {nbytes:>8} | {name:<8} {result.rps:9.0f} {result.p50_ms:8.2f} "
                       f"{result.p99_ms:8.2f} {result.errors:6d} | {share}")
@@ -289,6 +358,27 @@ def main() -> int:
         for proc in reversed(procs):
             stop(proc)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    """Parse the options; measure, or print the lab configuration's size."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run (default 4)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per body (default 5)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--bodies", nargs="+", choices=list(BODIES), default=list(BODIES), metavar="LABEL",
+                        help=f"bodies to measure (default: all of {', '.join(repr(b) for b in BODIES)})")
+    parser.add_argument("--registry-size", type=int, default=2, metavar="N",
+                        help="models in the gateway's registry: chat-small, chat-large and N-2 idle ones "
+                             "with two aliases each (default 2)")
+    parser.add_argument("--config-size", action="store_true",
+                        help="measure nothing: print the lines and bytes of the lab registry's gateway config")
+    args = parser.parse_args()
+    if args.config_size:
+        return config_size()
+    if not 2 <= args.registry_size <= 65535 - IDLE_PORT_BASE:
+        parser.error(f"--registry-size must be from 2 to {65535 - IDLE_PORT_BASE}")
+    return measure(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command (2): the whole test suite, set-up included.
 #   lint      yamllint, ansible-lint (production profile)
-#   unit      pytest: registry plugin, test backend, njs router through a real nginx
+#   unit      pytest tests/unit: plugins and the test backend, no nginx
+#   nginx     pytest tests/nginx: the gateway role rendered and run by this host's nginx
 #   molecule  every scenario on Debian 12 and Debian 13 (testinfra verifier)
 # MOLECULE_DISTROS and MOLECULE_SCENARIOS narrow the molecule runs for a fast loop,
 # e.g. MOLECULE_DISTROS=bookworm MOLECULE_SCENARIOS=default scripts/test.sh
@@ -39,6 +40,7 @@ print_summary() {
 run_step "yamllint" yamllint --strict .
 run_step "ansible-lint (production profile)" ansible-lint --profile production
 run_step "pytest unit tests" python -m pytest -q tests/unit
+run_step "pytest nginx tests" python -m pytest -q tests/nginx
 
 for distro in ${MOLECULE_DISTROS:-bookworm trixie}; do
   for scenario in $scenarios; do

@@ -105,8 +105,8 @@ def nginx_test(conf: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([NGINX, "-t", "-p", str(conf.parent), "-c", str(conf)], capture_output=True, text=True)
 
 
-def start_nginx(conf: Path, port: int, env: dict[str, str] | None = None,
-                cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+def start_nginx(conf: Path, port: int, env: dict[str, str] | None = None, cpus: set[int] | None = None,
+                host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
     """nginx in the foreground (our child, so we stop exactly it), once it listens on `port`.
 
     `env` is added to the environment (the role sets MALLOC_TOP_PAD_ for nginx.service);
@@ -118,7 +118,7 @@ def start_nginx(conf: Path, port: int, env: dict[str, str] | None = None,
     proc = subprocess.Popen([NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"],
                             stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-    wait_for_port(port, proc)
+    wait_for_port(port, proc, host)
     return proc
 
 

@@ -505,7 +505,6 @@ function nginxError(r) {
         status = 503;
     }
     if (status === 501) {
-        // nginx knows no other Transfer-Encoding than chunked: the client's to fix.
         return invalid(r, 400, 'Unsupported Transfer-Encoding; send the body with a Content-Length or chunked.',
                        null, 'unsupported_transfer_encoding');
     }
