@@ -194,8 +194,8 @@ def test_access_log_is_json_per_request(gateway: Gateway) -> None:
 def test_access_log_stays_json_whatever_the_client_sends(gateway: Gateway) -> None:
     """Routed requests log without escaping (nothing in them can need it); the rest escape.
 
-    Names with a quote, a backslash or a control character never reach @model_<name>, and a
-    name that differs in case leaves it for njs through the escaping log.
+    Names with a quote, a backslash or a control character never reach a model's location,
+    and a name that differs in case leaves it for njs through the escaping log.
     """
     sent = {"log-routed-1": "chat-small", "log-quote-1": 'nope"}, "x": "', "log-backslash-1": "no\\pe",
             "log-control-1": "no\u0001pe", "log-case-1": "CHAT-SMALL"}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import llm_registry
 import pytest
-from gateway_lab import NGINX, free_port, model, nginx_missing, nginx_test, post_json, refuse_njs_routes, \
-    render_gateway, start_nginx, stop
+from gateway_lab import NGINX, bindable, free_port, model, nginx_missing, nginx_test, post_json, refuse_njs_routes, \
+    render_gateway, start_nginx, stop, write_nginx_conf
 
 MODELS = 1000
 HOSTS = {f"gpu-{i}": f"127.0.1.{i + 1}" for i in range(10)}
@@ -27,26 +27,16 @@ ENDPOINT_SETS = [["chat", "completions"], ["embeddings", "rerank"], ["responses"
 
 def backend_conf(root: Path, listeners: list[tuple[str, int]]) -> Path:
     """One nginx answering on every listener with where it was reached."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
     servers = "\n".join(f"    server {{ listen {address}:{port}; return 200 '{{{{\"ok\":true}}}}'; }}"
                         for address, port in listeners)
-    conf = root / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-pid {root}/logs/nginx.pid;
-error_log {root}/logs/error.log;
-events {{ worker_connections 4096; }}
-http {{
+    return write_nginx_conf(root, f"""
     access_log off;
     default_type application/json;
     client_max_body_size 1m;
     client_body_buffer_size 1m;
     add_header X-Reached "$server_addr:$server_port $uri" always;
 {servers}
-}}
 """)
-    return conf
 
 
 def registry(base_port: int) -> list[dict[str, object]]:
@@ -60,11 +50,13 @@ def registry(base_port: int) -> list[dict[str, object]]:
 
 @pytest.fixture(scope="module")
 def base_port() -> int:
+    """The first of MODELS ports, each free on the address of the host its model runs on."""
+    hosts = list(HOSTS.values())
     for _ in range(20):
         base = random.randrange(20000, 60000 - MODELS)
-        if all(free_port(address) for address in HOSTS.values()):
+        if all(bindable(hosts[i % len(hosts)], base + i) for i in range(MODELS)):
             return base
-    raise RuntimeError("no port range")
+    raise RuntimeError("no free range of ports")
 
 
 def test_thousand_models_routed_by_nginx_alone(tmp_path: Path, base_port: int, capsys: pytest.CaptureFixture[str]) -> None:

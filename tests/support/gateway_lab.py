@@ -52,12 +52,13 @@ def free_port(*hosts: str) -> int:
         with socket.socket() as sock:
             sock.bind((hosts[0] if hosts else "127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if all(_bindable(host, port) for host in hosts[1:]):
+        if all(bindable(host, port) for host in hosts[1:]):
             return port
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
+    """Whether host:port is free to listen on."""
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
@@ -120,6 +121,23 @@ def start_nginx(conf: Path, port: int, env: dict[str, str] | None = None, cpus: 
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     wait_for_port(port, proc, host)
     return proc
+
+
+def write_nginx_conf(root: Path, http_block: str) -> Path:
+    """A one-worker nginx.conf under `root` around the given http{} contents (stand-in servers)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {root}/logs/nginx.pid;
+error_log {root}/logs/error.log;
+events {{ worker_connections 4096; }}
+http {{
+{http_block}
+}}
+""")
+    return conf
 
 
 @dataclass

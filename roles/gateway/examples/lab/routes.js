@@ -1,0 +1,158 @@
+// Ansible managed (roles/gateway/examples/lab: the lab registry rendered)
+// Generated from the model registry (llm_registry); router.js imports it.
+export default {
+  "endpoints": [
+    {
+      "name": "chat",
+      "path": "/v1/chat/completions"
+    },
+    {
+      "name": "completions",
+      "path": "/v1/completions"
+    },
+    {
+      "name": "embeddings",
+      "path": "/v1/embeddings"
+    },
+    {
+      "name": "rerank",
+      "path": "/v1/rerank"
+    },
+    {
+      "name": "responses",
+      "path": "/v1/responses"
+    },
+    {
+      "name": "score",
+      "path": "/v1/score"
+    },
+    {
+      "name": "tokenize",
+      "path": "/tokenize"
+    },
+    {
+      "name": "detokenize",
+      "path": "/detokenize"
+    }
+  ],
+  "maxBodySize": "16m",
+  "models": [
+    "chat-small",
+    "chat-large",
+    "embed-small"
+  ],
+  "owner": "llm-gateway",
+  "retryAfter": 5,
+  "routes": {
+    "chat-large": {
+      "aliases": [],
+      "endpoints": [
+        "chat",
+        "completions",
+        "responses",
+        "score",
+        "tokenize",
+        "detokenize"
+      ],
+      "engine": "command",
+      "id": "chat-large",
+      "paths": {
+        "chat": "/v1/chat/completions",
+        "completions": "/v1/completions",
+        "detokenize": "/detokenize",
+        "responses": "/v1/responses",
+        "score": "/v1/score",
+        "tokenize": "/tokenize"
+      },
+      "upstream": "llm_chat_large"
+    },
+    "chat-small": {
+      "aliases": [
+        "gpt-4o-mini"
+      ],
+      "endpoints": [
+        "chat",
+        "completions"
+      ],
+      "engine": "command",
+      "id": "chat-small",
+      "paths": {
+        "chat": "/v1/chat/completions",
+        "completions": "/v1/completions"
+      },
+      "upstream": "llm_chat_small"
+    },
+    "embed-small": {
+      "aliases": [
+        "text-embedding-3-small"
+      ],
+      "endpoints": [
+        "embeddings",
+        "rerank"
+      ],
+      "engine": "command",
+      "id": "embed-small",
+      "paths": {
+        "embeddings": "/embeddings",
+        "rerank": "/rerank"
+      },
+      "upstream": "llm_embed_small"
+    },
+    "gpt-4o-mini": {
+      "aliases": [
+        "gpt-4o-mini"
+      ],
+      "endpoints": [
+        "chat",
+        "completions"
+      ],
+      "engine": "command",
+      "id": "chat-small",
+      "paths": {
+        "chat": "/v1/chat/completions",
+        "completions": "/v1/completions"
+      },
+      "upstream": "llm_chat_small"
+    },
+    "text-embedding-3-small": {
+      "aliases": [
+        "text-embedding-3-small"
+      ],
+      "endpoints": [
+        "embeddings",
+        "rerank"
+      ],
+      "engine": "command",
+      "id": "embed-small",
+      "paths": {
+        "embeddings": "/embeddings",
+        "rerank": "/rerank"
+      },
+      "upstream": "llm_embed_small"
+    }
+  },
+  "upstreams": [
+    {
+      "model": "chat-large",
+      "name": "llm_chat_large",
+      "servers": [
+        "10.89.0.11:8102"
+      ]
+    },
+    {
+      "model": "chat-small",
+      "name": "llm_chat_small",
+      "servers": [
+        "10.89.0.11:8101",
+        "10.89.0.12:8101"
+      ]
+    },
+    {
+      "model": "embed-small",
+      "name": "llm_embed_small",
+      "servers": [
+        "10.89.0.12:8103"
+      ]
+    }
+  ]
+};
