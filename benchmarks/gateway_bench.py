@@ -60,13 +60,14 @@ import yaml  # noqa: E402
 from gateway_lab import (  # noqa: E402 - after the sys.path set-up above
     NGINX,
     NJS_MODULE,
-    ROLE,
+    nginx_environment,
     free_port,
     model,
     nginx_missing,
     render_gateway,
     start_nginx,
     stop,
+    write_nginx_conf,
 )
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -87,9 +88,11 @@ IDLE_PORT_BASE = 20000
 # The lab inventory (inventories/lab) and made-up private addresses for its GPU hosts.
 LAB_MODELS = REPO / "inventories" / "lab" / "group_vars" / "all" / "llm_models.yml"
 LAB_HOSTS = REPO / "inventories" / "lab" / "hosts.yml"
-# The paths and header the role writes on a gateway host, instead of the lab's temporary ones,
-# so that the size does not depend on where the files were rendered.
-AS_ON_A_HOST = {"ansible_managed": "Ansible managed", "gateway_access_log": "/var/log/nginx/llm-access.log",
+# What the role writes on a lab gateway (its defaults: every address, TLS on), instead of the
+# harness's loopback listener and temporary paths, so that the size does not depend on where
+# the files were rendered.
+AS_ON_A_HOST = {"ansible_managed": "Ansible managed", "gateway_listen_address": "",
+                "gateway_access_log": "/var/log/nginx/llm-access.log",
                 "__gateway_tls_certificate_path": "/etc/nginx/llm/tls/gateway.crt",
                 "__gateway_tls_key_path": "/etc/nginx/llm/tls/gateway.key"}
 
@@ -138,23 +141,6 @@ def bench_registry(backend_port: int, decoy_port: int, size: int) -> list[dict[s
     return models
 
 
-def write_nginx_conf(root: Path, http_block: str) -> Path:
-    """A one-worker nginx.conf under `root` around the given http{} contents."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
-    conf = root / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-pid {root}/logs/nginx.pid;
-error_log {root}/logs/error.log;
-events {{ worker_connections 4096; }}
-http {{
-{http_block}
-}}
-""")
-    return conf
-
-
 def backend_conf(root: Path, port: int, decoy_port: int) -> Path:
     """The fixed-answer backend and the decoy."""
     return write_nginx_conf(root, f"""
@@ -188,12 +174,6 @@ def plain_conf(root: Path, port: int, backend_port: int) -> Path:
             proxy_buffering off;
         }}
     }}""")
-
-
-def heap_environment() -> dict[str, str]:
-    """The environment the role's systemd drop-in gives nginx.service (MALLOC_TOP_PAD_)."""
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
-    return {"MALLOC_TOP_PAD_": str(defaults["gateway_malloc_top_pad"])}
 
 
 @dataclass
@@ -260,10 +240,10 @@ def median_result(results: list[Result]) -> Result:
     return ordered[len(ordered) // 2]
 
 
-def file_size(path: Path) -> tuple[int, int]:
-    """Lines and bytes of a file."""
+def file_size(path: Path) -> tuple[int, int, int]:
+    """Lines, bytes and the longest line's length of a file (a long line is one no diff can show)."""
     data = path.read_bytes()
-    return data.count(b"\n"), len(data)
+    return data.count(b"\n"), len(data), max(map(len, data.splitlines()), default=0)
 
 
 def config_size() -> int:
@@ -280,9 +260,9 @@ def config_size() -> int:
               f"GPU hosts {', '.join(sorted(addresses))}")
         total_lines = total_bytes = 0
         for path in files:
-            lines, nbytes = file_size(path)
+            lines, nbytes, longest = file_size(path)
             total_lines, total_bytes = total_lines + lines, total_bytes + nbytes
-            print(f"{path.name:>16}: {lines:5d} lines {nbytes:7d} bytes")
+            print(f"{path.name:>16}: {lines:5d} lines {nbytes:7d} bytes, longest line {longest} characters")
         print(f"{'together':>16}: {total_lines:5d} lines {total_bytes:7d} bytes")
     return 0
 
@@ -301,7 +281,7 @@ def measure(args: argparse.Namespace) -> int:
         procs.append(start_nginx(backend_conf(work / "backend", ports["backend"], ports["decoy"]), ports["backend"],
                                  cpus=LOAD_CPUS))
         # Both proxies run with the environment the gateway role gives nginx.service.
-        heap = heap_environment()
+        heap = nginx_environment()
         procs.append(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"], heap,
                                  PROXY_CPUS))
         registry = bench_registry(ports["backend"], ports["decoy"], args.registry_size)
@@ -320,7 +300,7 @@ def measure(args: argparse.Namespace) -> int:
             "gateway": f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions",
         }
         names = sum(1 + len(m["aliases"]) for m in registry)
-        lines, nbytes = file_size(work / "gateway" / "llm" / "gateway.conf")
+        lines, nbytes, _ = file_size(work / "gateway" / "llm" / "gateway.conf")
         print(f"nginx: {subprocess.run([NGINX, '-v'], capture_output=True, text=True).stderr.strip()}; "
               f"njs module: {NJS_MODULE}; {args.rounds} rounds x {args.duration}s, {args.connections} connections; "
               + (f"proxy on CPU {CPUS[0]}, wrk and backend on CPU {CPUS[1]}" if PINNED else "one CPU: nothing pinned"))

@@ -297,6 +297,13 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
     return root / "nginx.conf"
 
 
+def nginx_environment(**overrides: Any) -> dict[str, str]:
+    """The environment the role's systemd drop-in gives nginx.service, from its template."""
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    text = _environment().get_template("malloc.conf.j2").render({**defaults, "ansible_managed": "", **overrides})
+    return dict(line.split("=", 2)[1:] for line in text.splitlines() if line.startswith("Environment="))
+
+
 def refuse_njs_routes(root: Path) -> None:
     """Make the rendered router.js answer every request it is asked to route with a 500.
 

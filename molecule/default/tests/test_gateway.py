@@ -31,7 +31,7 @@ def test_nginx_runs_with_the_heap_setting(host):
     assert dropin.exists and (dropin.user, dropin.mode) == ("root", 0o644)
     show = dict(line.split("=", 1) for line in host.check_output(
         "systemctl show nginx -p Environment -p NeedDaemonReload -p MainPID").splitlines())
-    assert "MALLOC_TOP_PAD_=33554432" in show["Environment"].split()
+    assert {"MALLOC_TOP_PAD_=33554432", "MALLOC_MMAP_THRESHOLD_=33554432"} <= set(show["Environment"].split())
     assert show["NeedDaemonReload"] == "no"
     started = int(host.check_output("date +%s")) - int(host.check_output(f"ps -o etimes= -p {show['MainPID']}"))
     assert started >= int(host.check_output(f"stat -c %Y {path}")) - 1, "nginx was not restarted after the drop-in"
