@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 from pathlib import Path
 
 import pytest
 from conftest import HOSTS, chat
-from gateway_lab import Gateway, assert_error, free_port, model, post_json, render_gateway, start_backend, start_nginx, stop
+from gateway_lab import (Gateway, assert_error, free_port, model, post_json, render_gateway, start_backend, start_nginx,
+                         stop)
+from http_reply import exchange
 
 @pytest.mark.parametrize(("raw", "status", "code"), [
     (b"", 400, "invalid_body"),
@@ -127,3 +130,17 @@ def test_one_server_down_retries_to_the_other(gateway: Gateway, tmp_path: Path) 
 # ---------------------------------------------------------------- streaming
 
 
+
+
+def test_ready_from_another_address_is_403_json(tmp_path: Path) -> None:
+    """/ready is only for gateway_ready_allow; everyone else gets a JSON 403, not nginx's page."""
+    conf = render_gateway(tmp_path, [model("chat-small", ["gpu-a"], free_port())], {"gpu-a": "127.0.0.1"},
+                          gateway_http_port=(port := free_port()), gateway_https_port=0,
+                          gateway_ready_allow=["192.0.2.1"])
+    proc = start_nginx(conf, port)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        reply = exchange(conn, "GET", "/ready", None, {})
+    finally:
+        stop(proc)
+    assert_error(reply, 403, "permission_denied")

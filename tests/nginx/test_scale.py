@@ -59,7 +59,8 @@ def base_port() -> int:
     raise RuntimeError("no free range of ports")
 
 
-def test_thousand_models_routed_by_nginx_alone(tmp_path: Path, base_port: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_thousand_models_routed_by_nginx_alone(tmp_path: Path, base_port: int,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     reason = nginx_missing()
     if reason:
         pytest.skip(reason)

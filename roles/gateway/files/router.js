@@ -474,6 +474,7 @@ function ready(r) {
 // status -> [type, code, message]; a client's mistake is never a 5xx.
 var NGINX_ERRORS = {
     400: ['invalid_request_error', 'bad_request', 'The request could not be read.'],
+    403: ['invalid_request_error', 'permission_denied', 'This path is not open to your address.'],
     404: ['invalid_request_error', 'not_found', 'Unknown path; the API is under /v1.'],
     405: ['invalid_request_error', 'method_not_allowed', 'Method not allowed.'],
     408: ['invalid_request_error', 'request_timeout', 'The request was not received in time.'],
