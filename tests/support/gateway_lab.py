@@ -119,7 +119,11 @@ def start_nginx(conf: Path, port: int, env: dict[str, str] | None = None, cpus: 
     proc = subprocess.Popen([NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"],
                             stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-    wait_for_port(port, proc, host)
+    try:
+        wait_for_port(port, proc, host)
+    except RuntimeError:
+        stop(proc)
+        raise
     return proc
 
 
