@@ -19,9 +19,10 @@ var FIRST_KEY_SPACE = 8;
 // Names echoed in an error message are cut to this many characters.
 var ECHO_MAX = 256;
 
-var ENDPOINT_BY_PATH = {};
+var ENDPOINT_BY_PATH = {}, PATH_OF = {};
 registry.endpoints.forEach(function (endpoint) {
     ENDPOINT_BY_PATH[endpoint.path] = endpoint;
+    PATH_OF[endpoint.name] = endpoint.path;
 });
 
 var QUOTE = 34, BACKSLASH = 92, COLON = 58, COMMA = 44;
@@ -322,24 +323,17 @@ function readTopLevel(b) {
  * be top-level; else the whole top-level object is read. {name}, {error} or {}.
  */
 function findModel(b) {
-    var found, from = 0, first;
+    var found, from = 0, first, allNested = true;
     while ((found = nextModelKey(b, from)) !== null) {
         if (found.valueEnd !== -1 && onlyMembersToEnd(b, found.valueEnd)) {
             return modelValue(b, found.value, found.valueEnd);
         }
+        allNested = allNested && provablyNested(b, found);
         from = found.key + 1;
     }
-    first = firstModelMember(b);
+    first = allNested ? firstModelMember(b) : null;
     if (first !== null && !hasEscapedModelLetter(b)) {
-        for (from = 0; (found = nextModelKey(b, from)) !== null; from = found.key + 1) {
-            if (!provablyNested(b, found)) {
-                first = null;
-                break;
-            }
-        }
-        if (first !== null) {
-            return modelValue(b, first.start, first.end);
-        }
+        return modelValue(b, first.start, first.end);
     }
     return readTopLevel(b);
 }
@@ -396,7 +390,7 @@ function route(r) {
     r.variables.llm_name = found.name;
     if (target.endpoints.indexOf(endpoint.name) === -1) {
         return invalid(r, 400, 'The model \'' + found.name + '\' does not serve ' + apiPath + '; it serves: ' +
-                       target.endpoints.map(function (name) { return pathOf(name); }).join(', ') + '.',
+                       target.endpoints.map(function (name) { return PATH_OF[name]; }).join(', ') + '.',
                        'model', 'unsupported_endpoint');
     }
     // What the model's location logs, as nginx's own route sets it.
@@ -404,16 +398,6 @@ function route(r) {
     r.variables.llm_api_path = apiPath;
     args = r.variables.args;
     r.internalRedirect('/_llm/' + target.upstream + target.paths[endpoint.name] + (args ? '?' + args : ''));
-}
-
-function pathOf(name) {
-    var i;
-    for (i = 0; i < registry.endpoints.length; i++) {
-        if (registry.endpoints[i].name === name) {
-            return registry.endpoints[i].path;
-        }
-    }
-    return name;
 }
 
 /* ------------------------------------------------------------------ models, readiness, errors */
