@@ -85,6 +85,7 @@ def test_normalize_fills_defaults_for_vllm() -> None:
         "args": [],
         "env": {},
         "gpus": [],
+        "api_key": True,
         "served_names": ["qwen"],
         "paths": {"chat": "/v1/chat/completions", "completions": "/v1/completions"},
         "upstream": "llm_qwen",
@@ -205,7 +206,10 @@ BAD_FIELDS = [
     (chat(gpus=[False]), "field 'gpus': must be a list of non-negative integers"),
     (chat(gpus=[1, 1]), "model 'chat-small': field 'gpus': must not repeat a GPU id, got [1, 1]"),
     (chat(prot=8101), "model 'chat-small': field 'prot': unknown field (did you mean 'port'?)"),
-    (chat(zzzz=1), "model 'chat-small': field 'zzzz': unknown field (known fields: aliases, api_prefix"),
+    (chat(zzzz=1), "model 'chat-small': field 'zzzz': unknown field (known fields: aliases, api_key, api_prefix"),
+    (chat(api_kye=False), "model 'chat-small': field 'api_kye': unknown field (did you mean 'api_key'?)"),
+    (chat(api_key="false"), "model 'chat-small': field 'api_key': must be true or false, got 'false'"),
+    (chat(api_key=0), "model 'chat-small': field 'api_key': must be true or false, got 0"),
     (vllm(command="x"), "model 'qwen': field 'command': is only valid with engine 'command', not 'vllm'"),
     (vllm(source=None), "model 'qwen': field 'source': must be a Hugging Face repo id"),
     ({k: v for k, v in vllm().items() if k != "source"},
@@ -549,5 +553,141 @@ def test_paths_is_not_a_registry_field() -> None:
 def test_filter_module_exposes_all_filters() -> None:
     assert set(reg.FilterModule().filters()) == {
         "llm_registry_normalize", "llm_host_models", "llm_gateway_upstreams", "llm_gateway_routes",
-        "llm_api_endpoints",
+        "llm_api_endpoints", "llm_backend_key_files", "llm_backend_api_keys", "llm_backend_key_errors",
     }
+
+
+# --- backend API keys -------------------------------------------------------------------------
+# Keys here are made up; the messages must name the model (and file) but never hold a key.
+
+KEY = "k" * 20 + "Ab3-._~+/=="
+CREDENTIALS = "/inv/credentials"
+
+
+@pytest.fixture(name="keyed")
+def fixture_keyed() -> list[dict[str, Any]]:
+    """Three models: two that check a key (one with a '/' in its name), one command that cannot."""
+    return reg.llm_registry_normalize([
+        vllm(name="Qwen/Qwen2.5:7b", aliases=["qwen-chat"]),
+        infinity(),
+        chat(api_key=False),
+    ], GROUPS)
+
+
+def test_api_key_defaults_to_true_and_false_is_kept() -> None:
+    models = reg.llm_registry_normalize([vllm(), infinity(api_key=True), chat(api_key=False)], GROUPS)
+    assert [m["api_key"] for m in models] == [True, True, False]
+
+
+def test_key_files_only_for_models_that_check_a_key_and_have_none_given(keyed: list[dict[str, Any]]) -> None:
+    assert reg.llm_backend_key_files(keyed, {}, CREDENTIALS) == [
+        "/inv/credentials/backend-keys/Qwen%2FQwen2.5%3A7b", "/inv/credentials/backend-keys/bge-m3"]
+    assert reg.llm_backend_key_files(keyed, {"bge-m3": KEY}, CREDENTIALS + "/") == [
+        "/inv/credentials/backend-keys/Qwen%2FQwen2.5%3A7b"]
+
+
+@pytest.mark.parametrize("name", ["a/../../etc/passwd", "x/y", "m:1"])
+def test_key_file_names_stay_inside_the_directory(name: str) -> None:
+    path = reg.backend_key_file(CREDENTIALS, name)
+    assert path.startswith("/inv/credentials/backend-keys/")
+    assert "/" not in path[len("/inv/credentials/backend-keys/"):]
+
+
+def test_key_files_of_names_that_differ_only_in_a_slash_do_not_collide() -> None:
+    assert reg.backend_key_file(CREDENTIALS, "a/b") != reg.backend_key_file(CREDENTIALS, "a-b")
+
+
+def test_api_keys_take_the_given_key_else_the_generated_one_in_file_order(keyed: list[dict[str, Any]]) -> None:
+    assert reg.llm_backend_api_keys(keyed, {"bge-m3": KEY}, ["g" * 48]) == {
+        "Qwen/Qwen2.5:7b": "g" * 48, "bge-m3": KEY}
+    assert reg.llm_backend_api_keys(keyed, {}, ["a" * 48, "b" * 48]) == {
+        "Qwen/Qwen2.5:7b": "a" * 48, "bge-m3": "b" * 48}
+
+
+def test_api_keys_leave_out_models_without_api_key(keyed: list[dict[str, Any]]) -> None:
+    assert "chat-small" not in reg.llm_backend_api_keys(keyed, {}, ["a" * 48, "b" * 48])
+
+
+def test_api_keys_refuse_a_generated_list_of_the_wrong_length_without_showing_it(
+        keyed: list[dict[str, Any]]) -> None:
+    with pytest.raises(AnsibleFilterError, match="expected 2 generated keys") as info:
+        reg.llm_backend_api_keys(keyed, {}, ["secret-" * 4])
+    assert "secret" not in str(info.value)
+
+
+def test_key_filters_refuse_raw_llm_models() -> None:
+    for call in (lambda: reg.llm_backend_key_files([vllm()], {}, CREDENTIALS),
+                 lambda: reg.llm_backend_api_keys([vllm()], {}, []),
+                 lambda: reg.llm_backend_key_errors({}, [vllm()], {}, CREDENTIALS)):
+        with pytest.raises(AnsibleFilterError, match="expects the output of llm_registry_normalize"):
+            call()
+
+
+def key_errors(keyed: list[dict[str, Any]], given: Any, stored: dict[str, Any] | None = None) -> list[str]:
+    """Errors as the role computes them: given keys merged with (valid unless told) stored ones."""
+    generated = {"Qwen/Qwen2.5:7b": "q" * 48, "bge-m3": "b" * 48, **(stored or {})}
+    keys = {**generated, **(given if isinstance(given, dict) else {})}
+    return reg.llm_backend_key_errors(given, keyed, keys, CREDENTIALS)
+
+
+def test_valid_given_and_stored_keys_have_no_errors(keyed: list[dict[str, Any]]) -> None:
+    assert key_errors(keyed, {}) == []
+    assert key_errors(keyed, {"bge-m3": KEY, "Qwen/Qwen2.5:7b": "A" * 16}) == []
+
+
+BAD_KEYS = [
+    (12345678901234567890, "llm_model_api_keys: model 'bge-m3': must be a string, got int"),
+    (None, "llm_model_api_keys: model 'bge-m3': must be a string, got null"),
+    ("short-key", "llm_model_api_keys: model 'bge-m3': must be at least 16 characters long, got 9"),
+    ("has spaces in the key", "llm_model_api_keys: model 'bge-m3': holds 4 characters not valid in a Bearer token"),
+    ('quote"inthe-middle', "llm_model_api_keys: model 'bge-m3': holds 1 character not valid in a Bearer token"),
+    ("padding=inthemiddle", "llm_model_api_keys: model 'bge-m3': holds a '=' before the end not valid"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), BAD_KEYS, ids=[e for _, e in BAD_KEYS])
+def test_invalid_given_key_names_the_model_and_not_the_key(keyed: list[dict[str, Any]], value: Any,
+                                                           expected: str) -> None:
+    [error] = key_errors(keyed, {"bge-m3": value})
+    assert error.startswith(expected), error
+    if isinstance(value, str):
+        assert value not in error
+
+
+def test_key_for_an_unknown_model_suggests_the_near_miss(keyed: list[dict[str, Any]]) -> None:
+    assert key_errors(keyed, {"bge-m4": KEY}) == [
+        "llm_model_api_keys: model 'bge-m4': no such model in llm_models (did you mean 'bge-m3'?)"]
+
+
+def test_key_for_an_unknown_model_lists_the_models_when_nothing_is_close(keyed: list[dict[str, Any]]) -> None:
+    assert key_errors(keyed, {"zzz": KEY}) == [
+        "llm_model_api_keys: model 'zzz': no such model in llm_models "
+        "(models: Qwen/Qwen2.5:7b, bge-m3, chat-small)"]
+
+
+def test_key_given_under_an_alias_points_to_the_model_name(keyed: list[dict[str, Any]]) -> None:
+    assert key_errors(keyed, {"qwen-chat": KEY}) == [
+        "llm_model_api_keys: model 'qwen-chat': 'qwen-chat' is an alias of model 'Qwen/Qwen2.5:7b'; "
+        "give the key under the model's name"]
+
+
+def test_key_for_a_model_without_api_key_is_refused(keyed: list[dict[str, Any]]) -> None:
+    [error] = key_errors(keyed, {"chat-small": KEY})
+    assert error.startswith("llm_model_api_keys: model 'chat-small': its llm_models entry sets api_key: false")
+
+
+def test_every_key_error_is_reported_at_once(keyed: list[dict[str, Any]]) -> None:
+    errors = key_errors(keyed, {"bge-m4": KEY, "Qwen/Qwen2.5:7b": "x", "chat-small": KEY})
+    assert [e.split(":")[1].strip() for e in errors] == ["model 'Qwen/Qwen2.5", "model 'bge-m4'", "model 'chat-small'"]
+
+
+def test_given_keys_that_are_not_a_mapping(keyed: list[dict[str, Any]]) -> None:
+    assert key_errors(keyed, ["bge-m3", KEY]) == [
+        "llm_model_api_keys: must be a mapping of model name: key, got a list"]
+
+
+def test_an_edited_key_file_is_reported_with_its_path_and_not_its_content(keyed: list[dict[str, Any]]) -> None:
+    [error] = key_errors(keyed, {}, {"bge-m3": "tooshort"})
+    assert error.startswith("llm_credentials_dir: model 'bge-m3': the key in /inv/credentials/backend-keys/bge-m3 "
+                            "must be at least 16 characters long, got 8; delete the file")
+    assert "tooshort" not in error

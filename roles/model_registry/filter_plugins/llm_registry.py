@@ -16,6 +16,15 @@ Filters:
     llm_gateway_upstreams(normalized, hostvars) -> nginx upstream blocks
     llm_gateway_routes(normalized)              -> name/alias -> route (for njs)
     llm_api_endpoints(ignored)                  -> [{name, path}] the gateway serves
+    llm_backend_key_files(normalized, given, credentials_dir)
+                                                -> key files to generate, one per model without a given key
+    llm_backend_api_keys(normalized, given, generated)
+                                                -> {model name: key} for every model with api_key true
+    llm_backend_key_errors(given, normalized, keys, credentials_dir)
+                                                -> messages for given or stored keys that are wrong
+
+The backend keys are secrets: the filters that see them never put one into a
+message, so the task that reports their errors can run without no_log.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,6 +46,13 @@ API_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
 # [registry[:port]/]path[:tag][@digest], lower-case path as docker requires.
 IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# RFC 6750's b64token, what may follow "Bearer " in an Authorization header; also safe
+# unquoted in a systemd EnvironmentFile and in docker's env.
+BEARER_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+BEARER_TOKEN_CHAR_RE = re.compile(r"^[A-Za-z0-9._~+/=-]$")
+API_KEY_MIN_LENGTH = 16
+# Where generated keys live below llm_credentials_dir, one file per model.
+BACKEND_KEYS_DIR = "backend-keys"
 
 ENGINES = ("vllm", "infinity", "command")
 # Every endpoint the gateway serves, with the path clients call. The one table of the API:
@@ -67,11 +84,12 @@ PORT_MIN, PORT_MAX = 1024, 65535
 KNOWN_FIELDS = frozenset(
     {
         "name", "aliases", "engine", "endpoints", "hosts", "port", "api_prefix",
-        "command", "source", "runtime", "image", "version", "args", "env", "gpus",
+        "command", "source", "runtime", "image", "version", "args", "env", "gpus", "api_key",
     }
 )
 
 REGISTRY = "llm_models"
+API_KEYS = "llm_model_api_keys"
 
 
 class _FieldError(ValueError):
@@ -239,6 +257,13 @@ def _check_gpus(value: Any) -> list[int]:
     return sorted(int(g) for g in value)
 
 
+def _check_bool(value: Any) -> bool:
+    """A real YAML boolean: the string "false" would otherwise be true."""
+    if not isinstance(value, bool):
+        raise _FieldError(f"must be true or false, got {_describe(value)}")
+    return value
+
+
 def _check_hosts(value: Any, groups: Mapping[str, Any]) -> list[str]:
     """Expand groups like Ansible's host patterns do (a group wins over a host of the same name)."""
     if not isinstance(value, list) or not value:
@@ -318,6 +343,9 @@ def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: li
     model["args"] = entry.check("args", raw.get("args", []), _check_args)
     model["env"] = entry.check("env", raw.get("env", {}), _check_env)
     model["gpus"] = entry.check("gpus", raw.get("gpus", []), _check_gpus)
+    # Whether the server checks a key (the gateway then sends it one); the key itself is
+    # never part of the registry, see llm_backend_api_keys.
+    model["api_key"] = entry.check("api_key", raw.get("api_key", True), _check_bool)
 
     # The rest depends on the engine; with an invalid engine there is nothing sound to check against.
     if "endpoints" in raw:
@@ -466,7 +494,7 @@ def llm_registry_normalize(models: Any, groups: Mapping[str, Any]) -> list[dict[
 def _require_normalized(normalized: Any, filter_name: str) -> list[Mapping[str, Any]]:
     """Catch the easy mistake of passing raw llm_models where llm_registry is expected."""
     if not isinstance(normalized, list) or not all(
-        isinstance(m, Mapping) and {"upstream", "served_names", "paths"} <= set(m) for m in normalized
+        isinstance(m, Mapping) and {"upstream", "served_names", "paths", "api_key"} <= set(m) for m in normalized
     ):
         raise AnsibleFilterError(
             f"{filter_name}: expects the output of llm_registry_normalize (llm_registry), not raw llm_models"
@@ -541,6 +569,115 @@ def llm_api_endpoints(_ignored: Any = None) -> list[dict[str, str]]:
     return [{"name": name, "path": path} for name, path in API_ENDPOINTS]
 
 
+# --- backend API keys ---------------------------------------------------------------------
+# Each model server gets a key of its own, which the gateway sends it. The keys come from
+# the vault (llm_model_api_keys) or are generated once on the controller; none of these
+# filters puts a key into a message, and llm_registry never holds one.
+
+
+def _keyed_names(normalized: list[Mapping[str, Any]]) -> list[str]:
+    """The models whose server checks a key, in registry order."""
+    return [str(model["name"]) for model in normalized if model.get("api_key", True)]
+
+
+def _given(given: Any) -> Mapping[str, Any]:
+    """The vault's keys; a wrong shape is reported by llm_backend_key_errors, not raised here."""
+    return given if isinstance(given, Mapping) else {}
+
+
+def backend_key_file(credentials_dir: str, name: str) -> str:
+    """The controller file of a model's generated key: <credentials_dir>/backend-keys/<name>.
+
+    Names may hold '/' and ':' (Hugging Face style). Every character outside letters, digits,
+    '.', '_' and '-' is percent-encoded, so a '/' never makes a directory, no name reaches
+    outside the directory, and no two names share a file; usual names keep their spelling.
+    """
+    return f"{str(credentials_dir).rstrip('/')}/{BACKEND_KEYS_DIR}/{urllib.parse.quote(name, safe='')}"
+
+
+def llm_backend_key_files(normalized: Any, given: Any, credentials_dir: str) -> list[str]:
+    """The key files the password lookup must read or create: models with api_key and no given key."""
+    keys = _given(given)
+    models = _require_normalized(normalized, "llm_backend_key_files")
+    return [backend_key_file(credentials_dir, name) for name in _keyed_names(models) if name not in keys]
+
+
+def llm_backend_api_keys(normalized: Any, given: Any, generated: Any) -> dict[str, Any]:
+    """{model name: key} for every model with api_key true: the given key, else the generated one.
+
+    `generated` is the password lookup's answer for llm_backend_key_files, in the same order.
+    Values are not checked here (the task that calls this hides its output); see
+    llm_backend_key_errors.
+    """
+    keys = _given(given)
+    names = _keyed_names(_require_normalized(normalized, "llm_backend_api_keys"))
+    missing = [name for name in names if name not in keys]
+    if not isinstance(generated, list) or len(generated) != len(missing):
+        count = len(generated) if isinstance(generated, list) else "no list"
+        raise AnsibleFilterError(f"llm_backend_api_keys: expected {len(missing)} generated keys "
+                                 f"(one per file of llm_backend_key_files), got {count}")
+    made = dict(zip(missing, generated))
+    return {name: keys[name] if name in keys else made[name] for name in names}
+
+
+def _key_problem(value: Any) -> str | None:
+    """Why a value cannot be a backend key, without quoting any of it; None when it can."""
+    if not isinstance(value, str):
+        return f"must be a string, got {'null' if value is None else type(value).__name__}"
+    if len(value) < API_KEY_MIN_LENGTH:
+        return f"must be at least {API_KEY_MIN_LENGTH} characters long, got {len(value)}"
+    if not BEARER_TOKEN_RE.match(value):
+        bad = sum(1 for char in value if not BEARER_TOKEN_CHAR_RE.match(char))
+        where = f"{bad} character{'s' if bad != 1 else ''}" if bad else "a '=' before the end"
+        return (f"holds {where} not valid in a Bearer token (letters, digits, '-', '.', '_', '~', '+', '/', "
+                f"then '=' padding only at the end)")
+    return None
+
+
+def _unknown_key_name(name: str, normalized: list[Mapping[str, Any]]) -> str:
+    """An alias is a likely slip (keys go by model name); else suggest the near miss."""
+    for model in normalized:
+        if name in model["served_names"][1:]:
+            return f"'{name}' is an alias of model '{model['name']}'; give the key under the model's name"
+    names = sorted(str(model["name"]) for model in normalized)
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"models: {', '.join(names) or 'none'}"
+    return f"no such model in {REGISTRY} ({hint})"
+
+
+def llm_backend_key_errors(given: Any, normalized: Any, keys: Any, credentials_dir: str) -> list[str]:
+    """Every problem of the backend keys, one message each, naming the model and never quoting a key.
+
+    `given` is llm_model_api_keys, `keys` what llm_backend_api_keys made of it: a given key must
+    belong to a model that takes one and look like a Bearer token; a generated one read back
+    from its file (where someone may have edited it) must too.
+    """
+    models = _require_normalized(normalized, "llm_backend_key_errors")
+    if not isinstance(given, Mapping):
+        return [f"{API_KEYS}: must be a mapping of model name: key, got {_describe(given)}"]
+    errors = []
+    by_name = {str(model["name"]): model for model in models}
+    for name in sorted(given, key=str):
+        label = f"{API_KEYS}: model '{name}'"
+        model = by_name.get(str(name)) if isinstance(name, str) else None
+        if model is None:
+            errors.append(f"{label}: {_unknown_key_name(str(name), models)}")
+        elif not model["api_key"]:
+            errors.append(f"{label}: its {REGISTRY} entry sets api_key: false, so no key is sent to it; "
+                          f"remove the key or set api_key: true")
+        elif (problem := _key_problem(given[name])) is not None:
+            errors.append(f"{label}: {problem}")
+    stored = keys if isinstance(keys, Mapping) else {}
+    for name in _keyed_names(models):
+        if name in given:
+            continue
+        problem = _key_problem(stored.get(name))
+        if problem is not None:
+            errors.append(f"llm_credentials_dir: model '{name}': the key in {backend_key_file(credentials_dir, name)} "
+                          f"{problem}; delete the file to have a new key generated, or give one in {API_KEYS}")
+    return errors
+
+
 class FilterModule:
     """Ansible entry point."""
 
@@ -552,4 +689,7 @@ class FilterModule:
             "llm_gateway_upstreams": llm_gateway_upstreams,
             "llm_gateway_routes": llm_gateway_routes,
             "llm_api_endpoints": llm_api_endpoints,
+            "llm_backend_key_files": llm_backend_key_files,
+            "llm_backend_api_keys": llm_backend_api_keys,
+            "llm_backend_key_errors": llm_backend_key_errors,
         }
