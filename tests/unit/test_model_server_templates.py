@@ -8,6 +8,7 @@ scenario run the test backend through it.
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ def settings(**overrides: Any) -> dict[str, Any]:
         "versions": {"vllm": "0.33.0", "infinity": "0.0.78"},
         "images": {"vllm": "vllm/vllm-openai:v{version}", "infinity": "michaelf34/infinity:{version}"},
         "pip_packages": {"vllm": "vllm", "infinity": "infinity-emb[server,torch]"},
+        "key_dir": "/etc/llm-models",
     }
     values.update(overrides)
     return values
@@ -65,6 +67,11 @@ def plan_of(entry: dict[str, Any], **setting_overrides: Any) -> dict[str, Any]:
 
 def render_unit(plan: dict[str, Any], **var_overrides: Any) -> str:
     """Render templates/model.service.j2 with the options of Ansible's template module."""
+    return render("model.service.j2", plan, **var_overrides)
+
+
+def render(template: str, plan: dict[str, Any], **var_overrides: Any) -> str:
+    """Render one of the role's templates with the options of Ansible's template module."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(ROLE / "templates"),
         trim_blocks=True,
@@ -72,7 +79,7 @@ def render_unit(plan: dict[str, Any], **var_overrides: Any) -> str:
         undefined=jinja2.StrictUndefined,
     )
     env.filters.update(ms.FilterModule().filters())
-    return env.get_template("model.service.j2").render({**ROLE_VARS, **var_overrides, "__plan": plan})
+    return env.get_template(template).render({**ROLE_VARS, **var_overrides, "__plan": plan})
 
 
 def directives(unit: str, key: str) -> list[str]:
@@ -217,9 +224,17 @@ WantedBy=multi-user.target
 """
 
 
-def test_command_unit_is_unchanged() -> None:
-    """Byte for byte what the role wrote before engines existed: systemd still expands ${LLM_*}."""
-    assert render_unit(plan_of(COMMAND)) == COMMAND_UNIT
+def test_command_unit_without_a_key_is_unchanged() -> None:
+    """Byte for byte what the role wrote before engines and keys existed: systemd still expands ${LLM_*}."""
+    assert render_unit(plan_of({**COMMAND, "api_key": False})) == COMMAND_UNIT
+
+
+def test_command_unit_with_a_key_only_adds_its_environment_file() -> None:
+    keyed = render_unit(plan_of(COMMAND))
+    added = [line for line in keyed.splitlines() if line not in COMMAND_UNIT.splitlines()]
+    assert added[-1] == "EnvironmentFile=/etc/llm-models/chat-small.env"
+    assert all(line.startswith("#") for line in added[:-1]), added
+    assert keyed.index("EnvironmentFile=") < keyed.index("ExecStart="), "before ExecStart, beside Environment="
 
 
 def test_command_unit_appends_args_and_env_verbatim() -> None:
@@ -441,4 +456,94 @@ def test_plan_refuses_bad_input() -> None:
 def test_filter_module_exposes_all_filters() -> None:
     assert set(ms.FilterModule().filters()) == {
         "model_server_plan", "model_server_downloads", "model_server_systemd_quote", "model_server_systemd_env_value",
+        "model_server_redact",
     }
+
+
+# --- API keys --------------------------------------------------------------------------------
+# The key reaches the engine from root-only places; the unit, the plan and the command line,
+# which the play shows, never hold it.
+
+KEY = "Zq7Rm2Xv9Lk4Tb8Nw1Hc6Jd3Fs5Gp0Ay7Ue2Wi4Oo9Ll6Kk1"
+
+
+@pytest.mark.parametrize(("entry", "variable"), [
+    (VLLM, "VLLM_API_KEY"), (INFINITY, "INFINITY_API_KEY"), (COMMAND, "LLM_API_KEY"),
+])
+def test_each_engine_reads_its_key_from_its_own_variable(entry: dict[str, Any], variable: str) -> None:
+    plan = plan_of(entry)
+    assert plan["api_key_env"] == variable
+    assert plan["env_file"] == f"/etc/llm-models/{entry['name']}.env"
+
+
+@pytest.mark.parametrize("entry", [VLLM, INFINITY, COMMAND])
+def test_unit_reads_the_key_file_and_never_holds_a_key(entry: dict[str, Any]) -> None:
+    plan = plan_of(entry)
+    unit = render_unit(plan)
+    assert directives(unit, "EnvironmentFile") == [plan["env_file"]], "not '-'-prefixed: no key, no start"
+    assert plan["api_key_env"] not in environment(unit)
+    assert not any(word.startswith("--api-key") for word in exec_start(unit))
+
+
+def test_env_file_holds_the_variable_and_the_key_as_systemd_reads_it() -> None:
+    plan = plan_of(VLLM)
+    text = render("model.env.j2", plan, __model_server_api_key=KEY)
+    settings_lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert settings_lines == [f"VLLM_API_KEY={KEY}"]
+    assert text.endswith("\n") and "qwen-chat" in text.splitlines()[1]
+
+
+def test_plans_leave_the_key_variable_to_the_no_log_tasks() -> None:
+    """Plans are shown in the play's output: the key's variable is named, never set, in them."""
+    for entry in (VLLM, INFINITY, COMMAND):
+        for runtime in ("systemd", "docker"):
+            extra = {"image": "srv:1"} if entry is COMMAND and runtime == "docker" else {}
+            plan = plan_of({**entry, "runtime": runtime, **extra})
+            variable = plan["api_key_env"]
+            assert variable and variable not in dict(plan["environment"]), plan["name"]
+            assert variable not in plan.get("env", {}), plan["name"]
+
+
+def test_docker_models_get_no_key_file_and_a_variable_to_set() -> None:
+    plan = plan_of({**INFINITY, "runtime": "docker"})
+    assert plan["env_file"] is None and plan["api_key_env"] == "INFINITY_API_KEY"
+    assert "INFINITY_API_KEY" not in plan["env"], "the key is added by the task, with no_log"
+
+
+def test_model_without_api_key_gets_no_variable_and_no_key_file() -> None:
+    plan = plan_of({**COMMAND, "api_key": False})
+    assert plan["api_key_env"] is None and plan["env_file"] is None
+    assert directives(render_unit(plan), "EnvironmentFile") == []
+
+
+def test_key_file_name_follows_the_unit_name_and_the_key_dir_setting() -> None:
+    plan = plan_of({**VLLM, "name": "Qwen/Qwen2.5:7b"}, key_dir="/srv/keys")
+    assert plan["unit"] == "llm-model-Qwen-Qwen2.5-7b.service"
+    assert plan["env_file"] == "/srv/keys/Qwen-Qwen2.5-7b.env"
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({**VLLM, "env": {"VLLM_API_KEY": KEY}},
+     "model 'qwen-chat': field 'env': VLLM_API_KEY is the key the gateway sends; give it in llm_model_api_keys"),
+    ({**COMMAND, "env": {"LLM_API_KEY": KEY}}, "model 'chat-small': field 'env': LLM_API_KEY is the key"),
+    ({**INFINITY, "args": ["--api-key", KEY]}, "model 'bge-m3': field 'args': --api-key would put the key on the "
+                                               "command line; the role passes it in INFINITY_API_KEY"),
+    ({**VLLM, "args": [f"--api-key={KEY}"]}, "model 'qwen-chat': field 'args': --api-key would put the key"),
+])
+def test_a_key_set_in_the_registry_is_refused_without_showing_it(entry: dict[str, Any], message: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)) as info:
+        plan_of(entry)
+    assert KEY not in str(info.value)
+
+
+def test_registry_may_set_the_variable_of_a_model_without_api_key() -> None:
+    plan = plan_of({**COMMAND, "api_key": False, "env": {"LLM_API_KEY": "its-own"}})
+    assert ["LLM_API_KEY", "its-own"] in plan["environment"]
+
+
+def test_redact_replaces_every_key_longest_first() -> None:
+    keys = {"a": "k" * 20, "b": "k" * 30}
+    text = f"env {'k' * 30} and {'k' * 20}; none here"
+    assert ms.redact(text, keys) == f"env {ms.REDACTED} and {ms.REDACTED}; none here"
+    assert ms.redact("nothing", {}) == "nothing"
+    assert ms.redact(None, {"a": "x" * 16}) == "None"

@@ -11,6 +11,12 @@ Filters:
     model_server_downloads(plans, hf_home)  -> unique Hugging Face repos to fetch before start
     model_server_systemd_quote(words)       -> an ExecStart= command line, escaped for systemd
     model_server_systemd_env_value(value)   -> a value for Environment="KEY=value"
+    model_server_redact(text, keys)         -> text with every backend key replaced
+
+A model's API key never enters a plan: plans are shown in the play's output. A plan
+names the variable the engine reads its key from (api_key_env) and, under systemd,
+the root-only file that holds it (env_file); the tasks that write or send the key
+take it from llm_backend_api_keys, with no_log.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ CONTAINER_BIND = "0.0.0.0"
 BRACED_VARIABLE = re.compile(r"\$\{(LLM_[A-Z_]+)\}")
 LONE_VARIABLE = re.compile(r"\$(LLM_[A-Z_]+)")
 TENSOR_PARALLEL_FLAGS = ("--tensor-parallel-size", "-tp")
+# Where each engine reads the key it checks from: both engines take it from the environment
+# as well as from --api-key, and the environment keeps it off the command line (ps, journal).
+API_KEY_VARIABLES = {"vllm": "VLLM_API_KEY", "infinity": "INFINITY_API_KEY", "command": "LLM_API_KEY"}
+API_KEY_FLAGS = ("--api-key",)
+REDACTED = "********"
 PROBE_TEXT = "ping"
 # The ready check's request for each endpoint, in the order the probe prefers them: a
 # generation when the model has one, else a vector or a score; the tokenizer last, as it
@@ -51,7 +62,8 @@ PROBE_BODIES: dict[str, dict[str, Any]] = {
     "detokenize": {"tokens": [0]},
 }
 
-SETTINGS_KEYS = ("prefix", "home", "hf_home", "bind_address", "offline", "versions", "images", "pip_packages")
+SETTINGS_KEYS = ("prefix", "home", "hf_home", "bind_address", "offline", "versions", "images", "pip_packages",
+                 "key_dir")
 
 
 def _need(settings: Mapping[str, Any]) -> None:
@@ -189,10 +201,30 @@ def _environment(model: Mapping[str, Any], settings: Mapping[str, Any], runtime:
     return pairs
 
 
+def api_key_variable(model: Mapping[str, Any]) -> str | None:
+    """The variable a model's server reads its key from, or None when it takes no key.
+
+    A key set any other way would not be the one the gateway sends: the registry's env or
+    args must not set it (and --api-key would show the key in ps and the journal).
+    """
+    if not model.get("api_key", True):
+        return None
+    variable = API_KEY_VARIABLES[model["engine"]]
+    if variable in model["env"]:
+        raise AnsibleFilterError(f"model_server: model '{model['name']}': field 'env': {variable} is the key the "
+                                 f"gateway sends; give it in llm_model_api_keys (vault), not in the registry")
+    if model["engine"] in ENGINE_EXECUTABLES and _has_flag(model["args"], API_KEY_FLAGS):
+        raise AnsibleFilterError(f"model_server: model '{model['name']}': field 'args': --api-key would put the "
+                                 f"key on the command line; the role passes it in {variable} "
+                                 f"(from llm_model_api_keys or generated)")
+    return variable
+
+
 def _plan(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the tasks and templates need about one model, computed once."""
     engine, runtime, name = model["engine"], model["runtime"], model["name"]
     base = unit_base(name)
+    key_variable = api_key_variable(model)
     version = model["version"] or settings["versions"].get(engine)
     is_engine = engine in ENGINE_EXECUTABLES
     source = model["source"]
@@ -211,6 +243,9 @@ def _plan(model: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, An
         "local_source": source if is_engine and is_local_path(source) else None,
         "download": bool(is_engine and source and not is_local_path(source) and not _truthy(settings["offline"])),
         "environment": _environment(model, settings, runtime),
+        "api_key_env": key_variable,
+        # Root-only, read by systemd itself; containers get the variable from docker.
+        "env_file": f"{settings['key_dir']}/{base}.env" if key_variable and runtime == "systemd" else None,
         "probe": probe(model),
         "venv": None,
         "pip_spec": None,
@@ -298,6 +333,15 @@ def systemd_quote(words: Iterable[Any]) -> str:
     return " ".join(quoted)
 
 
+def redact(text: Any, keys: Any) -> str:
+    """A message with every backend key in it replaced, for errors of tasks that saw keys."""
+    result = str(text)
+    values = keys.values() if isinstance(keys, Mapping) else keys
+    for key in sorted((str(k) for k in values if k), key=len, reverse=True):
+        result = result.replace(key, REDACTED)
+    return result
+
+
 class FilterModule:
     """Ansible entry point."""
 
@@ -308,4 +352,5 @@ class FilterModule:
             "model_server_downloads": model_server_downloads,
             "model_server_systemd_quote": systemd_quote,
             "model_server_systemd_env_value": systemd_escape_value,
+            "model_server_redact": redact,
         }
