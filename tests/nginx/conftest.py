@@ -16,6 +16,8 @@ import pytest
 from gateway_lab import (Gateway, free_port, model, nginx_missing, refuse_njs_routes, render_gateway, start_backend,
                          start_nginx)
 
+# The admin user of the shared gateways (GET /ready).
+ADMIN = ("ops", "ops-password-for-tests")
 HOSTS = {"gpu-a": "127.0.0.2", "gpu-b": "127.0.0.3", "gpu-c": "127.0.0.4", "gpu-d": "127.0.0.5"}
 VLLM_ONLY = ["chat", "completions", "responses", "score", "tokenize", "detokenize"]
 
@@ -35,8 +37,8 @@ def njs_only(root: Path) -> None:
     """Send every body to njs: the patterns still run, but their answer is not used."""
     find_model = root / "llm" / "find-model.conf"
     text = find_model.read_text()
-    assert text.count("$llm_target last;") == 2
-    find_model.write_text(text.replace("$llm_target last;", "/_llm/router last;"))
+    assert text.count("$llm_permitted_target last;") == 2
+    find_model.write_text(text.replace("$llm_permitted_target last;", "/_llm/router last;"))
 
 
 def start_gateway(root: Path, variant: str = "normal", **overrides: object) -> Gateway:
@@ -51,6 +53,7 @@ def start_gateway(root: Path, variant: str = "normal", **overrides: object) -> G
                                api_prefix=""),
     }
     http_port, https_port = free_port(), free_port()
+    overrides = {"gateway_admin_users": [{"name": ADMIN[0], "password": ADMIN[1]}], **overrides}
     conf = render_gateway(root, registry(ports), HOSTS, gateway_http_port=http_port,
                           gateway_https_port=https_port, gateway_proxy_read_timeout="3s", **overrides)
     if variant == "njs-only":

@@ -133,10 +133,11 @@ def test_one_server_down_retries_to_the_other(gateway: Gateway, tmp_path: Path) 
 
 
 def test_ready_from_another_address_is_403_json(tmp_path: Path) -> None:
-    """/ready is only for gateway_ready_allow; everyone else gets a JSON 403, not nginx's page."""
+    """The admin paths are only for gateway_admin_allow; everyone else gets a JSON 403, not nginx's page."""
     conf = render_gateway(tmp_path, [model("chat-small", ["gpu-a"], free_port())], {"gpu-a": "127.0.0.1"},
                           gateway_http_port=(port := free_port()), gateway_https_port=0,
-                          gateway_ready_allow=["192.0.2.1"])
+                          gateway_admin_allow=["192.0.2.1"],
+                          gateway_admin_users=[{"name": "ops", "password": "ops-password-for-tests"}])
     proc = start_nginx(conf, port)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

@@ -14,14 +14,18 @@ import yaml
 from gateway_lab import REPO, nginx_missing, nginx_test, render_gateway
 
 EXAMPLES = REPO / "roles" / "gateway" / "examples" / "lab"
-FILES = ("gateway.conf", "find-model.conf", "routes.js")
+FILES = ("gateway.conf", "find-model.conf", "routes.js", "api_keys.js")
 # The lab's GPU hosts, at stand-in addresses.
 ADDRESSES = {"gpu1": "10.89.0.11", "gpu2": "10.89.0.12"}
 
 
 def render(root: Path) -> Path:
     registry = yaml.safe_load((REPO / "inventories" / "lab" / "group_vars" / "all" / "llm_models.yml").read_text())
-    return render_gateway(root, registry["llm_models"], ADDRESSES, gateway_http_port=80, gateway_https_port=0,
+    # The lab's gateway variables, its generated key and password replaced by stand-ins.
+    return render_gateway(root, registry["llm_models"], ADDRESSES, gateway_http_port=80, gateway_http_api="serve",
+                          gateway_https_port=0, gateway_api_keys_required=True,
+                          llm_api_keys=[{"id": "lab", "key": "stand-in-for-the-generated-lab-key", "models": "all"}],
+                          gateway_admin_users=[{"name": "admin", "password": "stand-in"}],
                           gateway_listen_address="", gateway_access_log="/var/log/nginx/llm-access.log",
                           ansible_managed="Ansible managed (roles/gateway/examples/lab: the lab registry rendered)")
 

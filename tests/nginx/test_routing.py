@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HOSTS, chat
-from gateway_lab import (Gateway, assert_error, free_port, model, nginx_missing, post_json, refuse_njs_routes,
+from conftest import ADMIN, HOSTS, chat
+from gateway_lab import (Gateway, assert_error, basic_auth, free_port, model, nginx_missing, post_json, refuse_njs_routes,
                          render_gateway, start_backend, start_nginx, stop)
 
 # ---------------------------------------------------------------- routing
@@ -136,7 +136,8 @@ def test_model_lookup_by_alias_and_unknown(gateway: Gateway) -> None:
 
 def test_health_and_readiness(gateway: Gateway) -> None:
     assert gateway.request("GET", "/health").status == 200
-    reply = gateway.request("GET", "/ready")
+    assert_error(gateway.request("GET", "/ready"), 401, "admin_credentials_required")
+    reply = gateway.request("GET", "/ready", headers={"Authorization": basic_auth(*ADMIN)})
     assert reply.status == 503  # down-model has no live server
     body = reply.json()
     live = {u["model"]: u["live"] for u in body["upstreams"]}

@@ -10,6 +10,7 @@ benchmarks/gateway_bench.py.
 
 from __future__ import annotations
 
+import base64
 import collections
 import getpass
 import http.client
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bcrypt
+import gateway_api_keys
 import gateway_model_patterns
 import jinja2
 import llm_registry
@@ -177,11 +180,19 @@ class Backend:
         self.control("POST", "/_test/behaviour", {"mode": "ok"})
 
 
-def start_backend(models: list[str], host: str = "127.0.0.1", port: int = 0, api_prefix: str = "/v1") -> Backend:
-    """A test backend; with port 0 it picks one, read from its start-up line."""
-    proc = subprocess.Popen([sys.executable, str(BACKEND), "--host", host, "--port", str(port),
-                             "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2"],
-                            stderr=subprocess.PIPE)
+def start_backend(models: list[str], host: str = "127.0.0.1", port: int = 0, api_prefix: str = "/v1",
+                  api_key: str | None = None) -> Backend:
+    """A test backend; with port 0 it picks one, read from its start-up line.
+
+    With `api_key` it takes only that key on its API paths, as a model server of the role does.
+    """
+    command = [sys.executable, str(BACKEND), "--host", host, "--port", str(port),
+               "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2"]
+    env = dict(os.environ)
+    if api_key is not None:
+        command += ["--api-key-env", "LLM_API_KEY"]
+        env["LLM_API_KEY"] = api_key
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
     assert proc.stderr is not None
     line = proc.stderr.readline().decode()
     match = re.search(r"listening on [0-9.]+:(\d+)", line)
@@ -207,7 +218,7 @@ def model(name: str, hosts: list[str], port: int, endpoints: Iterable[str] = ("c
 def _filters() -> dict[str, Any]:
     """Every filter of the roles' plugins, plus the few of Ansible's the templates use."""
     filters: dict[str, Any] = {}
-    for plugin in (llm_registry, gateway_model_patterns):
+    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys):
         filters.update(plugin.FilterModule().filters())
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
@@ -275,6 +286,10 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
         "gateway_include_conf_d": False,
         "gateway_worker_processes": 1,
         "gateway_listen_address": "127.0.0.1",
+        "groups": {"llm_gateways": ["gw-test"]},
+        # The tests of routing send no key; the security tests turn keys on.
+        "gateway_api_keys_required": False,
+        "gateway_http_api": "serve",
         **{k: v for k, v in overrides.items() if not k.startswith("__")},
     }
     values = role_variables(env, context)
@@ -290,9 +305,15 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
     })
     for template, target in (("nginx.conf.j2", root / "nginx.conf"), ("gateway.conf.j2", conf_dir / "gateway.conf"),
                              ("find-model.conf.j2", conf_dir / "find-model.conf"),
-                             ("routes.js.j2", conf_dir / "routes.js")):
+                             ("routes.js.j2", conf_dir / "routes.js"),
+                             ("api_keys.js.j2", conf_dir / "api_keys.js"),
+                             ("backend-auth.conf.j2", conf_dir / "backend-auth.conf")):
         target.write_text(env.get_template(template).render(values))
     shutil.copy(ROLE / "files" / "router.js", conf_dir / "router.js")
+    # The role writes it with community.general.htpasswd (bcrypt); the same hashes here.
+    (conf_dir / "admin.htpasswd").write_text("".join(
+        f"{user['name']}:{bcrypt.hashpw(user['password'].encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+        for user in values["gateway_admin_users"]))
     shutil.copy(MIME_TYPES, root / "mime.types")
     if values["gateway_https_port"] and not (conf_dir / "gateway.key").exists():
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -321,6 +342,11 @@ def refuse_njs_routes(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- talking to it
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An HTTP Basic Authorization value (the admin paths')."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def post_json(port: int, raw: bytes, path: str = "/v1/chat/completions", timeout: float = 10,
