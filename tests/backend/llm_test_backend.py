@@ -9,11 +9,17 @@ those without /v1). It adds what tests need from a backend:
     and a "backend" object in JSON bodies), so a test can check where the gateway routed;
   - every request is recorded (GET/DELETE /_test/requests), with a sha256 of the body,
     so a test can prove the body arrived unchanged and count retries;
+  - every record also holds the request's headers, so a test can prove which
+    Authorization (if any) reached the backend;
+  - with --api-key-env NAME (and NAME set), the API paths under the prefix need
+    `Authorization: Bearer $NAME`, as vLLM's --api-key guards /v1 (see `needs_key`);
+    the key is read from the environment so it never shows in `ps` or a unit;
   - faults on demand (POST /_test/behaviour: fail, hang, slow) for retry/timeout tests.
 
 Standard library only, one file, Python 3.11+, so it can be copied onto any lab host.
 
-    llm_test_backend.py --host 0.0.0.0 --port 8101 --model chat-small gpt-4o-mini [--api-prefix '']
+    llm_test_backend.py --host 0.0.0.0 --port 8101 --model chat-small gpt-4o-mini [--api-prefix ''] \
+        [--api-key-env LLM_API_KEY]
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import base64
 import collections
 import hashlib
 import json
+import hmac
 import math
+import os
 import signal
 import socket
 import struct
@@ -144,6 +152,8 @@ class Config:
     stream_interval: float
     keepalive_timeout: float
     hostname: str = field(default_factory=socket.gethostname)
+    # The Bearer key the API paths need; None serves them open (no --api-key-env, or its variable unset).
+    api_key: str | None = None
 
 
 # --- response bodies, as pure functions of the request ------------------------------------
@@ -464,10 +474,42 @@ def find_route(path: str, prefix: str) -> tuple[str, tuple[Answer, Chunks | None
     return None
 
 
+def needs_key(path: str, prefix: str) -> bool:
+    """Whether a path needs the key, like vLLM's --api-key: the API under the prefix, not /health.
+
+    vLLM's root paths stay open (/health, /tokenize, /detokenize), and so does the test API. With
+    an empty prefix (Infinity's way) every other path is "under the prefix", as Infinity guards
+    /models and /embeddings but not /health.
+    """
+    if path in ("/health", *ROOT_ROUTES) or path.startswith("/_test/"):
+        return False
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+def bearer_matches(authorization: list[str], key: str) -> bool:
+    """One Authorization header, `Bearer <key>` (scheme case-insensitive, as RFC 7235 says).
+
+    Two headers are refused rather than guessed between; the comparison takes constant time.
+    """
+    if len(authorization) != 1:
+        return False
+    scheme, _, token = authorization[0].strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def request_headers(message: Any) -> dict[str, list[str]]:
+    """The headers as received: lower-case names (HTTP's are case-insensitive), every value kept in order."""
+    headers: dict[str, list[str]] = {}
+    for name, value in message.items():
+        headers.setdefault(name.lower(), []).append(value)
+    return headers
+
+
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
     """The error JSON vLLM and OpenAI return; the openai client raises on it by status."""
-    error_type = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed",
-                  413: "RequestTooLarge"}.get(status, "InternalServerError" if status >= 500 else "Error")
+    error_type = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                  405: "MethodNotAllowed", 413: "RequestTooLarge"}.get(
+                      status, "InternalServerError" if status >= 500 else "Error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
@@ -547,18 +589,30 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientError(413, "request body too large", "request_too_large")
         return self.rfile.read(length) if length else b""
 
-    def send_json(self, status: int, payload: Any) -> None:
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         """A JSON answer, always with Content-Length so keep-alive works."""
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def send_error_json(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def send_error_json(self, status: int, message: str, code: str, param: str | None = None,
+                        headers: dict[str, str] | None = None) -> None:
         """An OpenAI-style error."""
-        self.send_json(status, error_body(status, message, code, param))
+        self.send_json(status, error_body(status, message, code, param), headers)
+
+    def check_key(self, path: str) -> None:
+        """401 like OpenAI's for a missing or wrong key; after `record`, so refused requests are seen too."""
+        key = self.config.api_key
+        if key is None or not needs_key(path, self.config.api_prefix):
+            return
+        if not bearer_matches(self.headers.get_all("Authorization") or [], key):
+            raise ClientError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                              "invalid_api_key")
 
     def backend_info(self) -> dict[str, Any]:
         """Who answered, inside the JSON body, for clients that drop headers."""
@@ -589,13 +643,15 @@ class Handler(BaseHTTPRequestHandler):
                 self.handle_test_api(path, body)
                 return
             model = self.record(path, body)
+            self.check_key(path)
             fault = self.behaviour.apply()
             if fault is not None:
                 self.send_error_json(fault, f"injected failure (status {fault})", "injected_failure")
                 return
             self.handle_api(path, body)
         except ClientError as exc:
-            self.send_error_json(exc.status, str(exc), exc.code, exc.param)
+            extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+            self.send_error_json(exc.status, str(exc), exc.code, exc.param, extra)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away (e.g. cancelled a stream)
         finally:
@@ -614,7 +670,7 @@ class Handler(BaseHTTPRequestHandler):
             "method": self.command, "path": path, "body_length": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(), "model": model,
             "request_id": self.headers.get("X-Request-ID"), "client": self.client_address[0],
-            "timestamp": time.time(),
+            "timestamp": time.time(), "headers": request_headers(self.headers),
         })
         return model
 
@@ -757,12 +813,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--stream-interval", type=float, default=0.2, help="seconds between streamed chunks")
     parser.add_argument("--keepalive-timeout", type=float, default=5.0,
                         help="close idle keep-alive connections after this many seconds (vLLM: 5)")
+    parser.add_argument("--api-key-env", metavar="NAME",
+                        help="environment variable holding the Bearer key the API paths need (none: open)")
     args = parser.parse_args(argv)
     prefix = args.api_prefix.rstrip("/")
     if prefix and not prefix.startswith("/"):
         parser.error("--api-prefix must be empty or start with /")
+    # An empty variable counts as unset: an empty key would let any "Bearer " through.
+    api_key = (os.environ.get(args.api_key_env) or None) if args.api_key_env else None
     return Config(host=args.host, port=args.port, models=args.model, api_prefix=prefix,
-                  stream_interval=args.stream_interval, keepalive_timeout=args.keepalive_timeout)
+                  stream_interval=args.stream_interval, keepalive_timeout=args.keepalive_timeout, api_key=api_key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -779,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     sys.stderr.write(f"llm_test_backend listening on {config.host}:{config.port} "
-                     f"models={','.join(config.models)} prefix={config.api_prefix!r}\n")
+                     f"models={','.join(config.models)} prefix={config.api_prefix!r} "
+                     f"api_key={'required' if config.api_key else 'none'}\n")
     sys.stderr.flush()
     try:
         server.serve_forever(poll_interval=0.2)

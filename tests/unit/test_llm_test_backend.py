@@ -62,11 +62,17 @@ class Backend:
         return self.proc.wait(timeout=5)
 
 
-def start_backend(log: Path, *args: str) -> Backend:
-    """Start on a free port (--port 0) and learn the port from the startup line, so no race."""
+def start_backend(log: Path, *args: str, env: dict[str, str | None] | None = None) -> Backend:
+    """Start on a free port (--port 0) and learn the port from the startup line, so no race.
+
+    `env` changes this process's environment for the backend (which reads its key from there);
+    a None value removes the variable.
+    """
+    environment = {**os.environ, **(env or {})}
     with log.open("wb") as stderr:
         proc = subprocess.Popen([PYTHON, str(BACKEND), "--host", "127.0.0.1", "--port", "0", *args],
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={key: value for key, value in environment.items() if value is not None})
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
@@ -542,6 +548,166 @@ def test_empty_prefix_and_clean_sigterm_even_while_hanging(tmp_path: Path) -> No
     finally:
         if backend.proc.poll() is None:
             backend.proc.kill()
+
+
+# --- API key (--api-key-env) ------------------------------------------------------------------
+# Like vLLM's --api-key: the API under the prefix needs `Authorization: Bearer <key>`, the root
+# paths and the test API do not. The key comes from the environment variable the option names.
+
+KEY = "Lw8Tq3Zr6Yn1Vb4Xc7Mk2Hj5Gf9Ds0Pa3Eu6Io8Qy1Rt4We7S"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(name="keyed", scope="module")
+def fixture_keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """A backend that needs KEY, read from LLM_API_KEY as the lab's command models pass it."""
+    log = tmp_path_factory.mktemp("keyed") / "stderr.log"
+    backend = start_backend(log, "--model", "chat-small", "gpt-4o-mini", "--api-key-env", "LLM_API_KEY",
+                            env={"LLM_API_KEY": KEY})
+    yield backend
+    if backend.proc.poll() is None:
+        backend.proc.kill()
+
+
+def assert_unauthorized(reply: Reply) -> None:
+    """OpenAI's answer to a bad key: 401, error JSON the openai client raises AuthenticationError on."""
+    assert reply.status == 401, reply.body[:300]
+    assert reply.headers["WWW-Authenticate"] == "Bearer"
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "AuthenticationError"
+    assert KEY not in reply.body.decode()
+
+
+PREFIX_REQUESTS = [
+    ("POST", "/v1/chat/completions", chat_body()),
+    ("POST", "/v1/completions", {"model": "chat-small", "prompt": "hi", "max_tokens": 1}),
+    ("POST", "/v1/embeddings", {"model": "chat-small", "input": "hi"}),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/no-such-path", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), PREFIX_REQUESTS, ids=[p for _, p, _ in PREFIX_REQUESTS])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-of-the-right-shape", f"Basic {KEY}",
+                                           f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", "Bearer "],
+                         ids=["none", "wrong", "basic", "longer", "shorter", "empty"])
+def test_prefix_paths_refuse_a_missing_or_wrong_key(keyed: Backend, method: str, path: str, body: Any,
+                                                    authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    assert_unauthorized(keyed.request(method, path, body, headers))
+
+
+@pytest.mark.parametrize(("method", "path", "body"), PREFIX_REQUESTS[:4], ids=[p for _, p, _ in PREFIX_REQUESTS[:4]])
+def test_prefix_paths_answer_with_the_key(keyed: Backend, method: str, path: str, body: Any) -> None:
+    assert keyed.request(method, path, body, BEARER).status == 200
+
+
+def test_the_scheme_is_case_insensitive_and_the_key_is_not(keyed: Backend) -> None:
+    assert keyed.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": f"bearer {KEY}"}).status == 200
+    assert_unauthorized(keyed.request("POST", "/v1/chat/completions", chat_body(),
+                                      {"Authorization": f"Bearer {KEY.lower()}"}))
+
+
+def test_a_stream_needs_the_key_too(keyed: Backend) -> None:
+    assert_unauthorized(keyed.request("POST", "/v1/chat/completions", chat_body(stream=True)))
+    reply = keyed.request("POST", "/v1/chat/completions", chat_body(stream=True), BEARER)
+    assert reply.status == 200 and b"data: [DONE]" in reply.body
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/health", None),
+    ("POST", "/tokenize", {"model": "chat-small", "prompt": "hi"}),
+    ("POST", "/detokenize", {"model": "chat-small", "tokens": [104, 105]}),
+    ("GET", "/_test/requests", None),
+    ("GET", "/_test/behaviour", None),
+])
+def test_root_paths_and_the_test_api_need_no_key(keyed: Backend, method: str, path: str, body: Any) -> None:
+    assert keyed.request(method, path, body).status == 200
+
+
+def send_raw_headers(backend: Backend, path: str, headers: list[tuple[str, str]], body: bytes) -> int:
+    """A POST with headers as given, repeats included (http.client's dict form cannot repeat one)."""
+    conn = backend.connect()
+    try:
+        conn.putrequest("POST", path)
+        for name, value in [*headers, ("Content-Type", "application/json"), ("Content-Length", str(len(body)))]:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_two_authorization_headers_are_refused_even_if_one_is_right(keyed: Backend) -> None:
+    body = json.dumps(chat_body()).encode()
+    status = send_raw_headers(keyed, "/v1/chat/completions",
+                              [("Authorization", "Bearer client-key"), ("Authorization", f"Bearer {KEY}")], body)
+    assert status == 401
+
+
+def test_records_hold_the_headers_received_repeats_kept_and_refused_requests_too(keyed: Backend) -> None:
+    keyed.request("DELETE", "/_test/requests")
+    body = json.dumps(chat_body()).encode()
+    send_raw_headers(keyed, "/v1/chat/completions",
+                     [("Authorization", f"Bearer {KEY}"), ("X-Forwarded-For", "10.0.0.1"),
+                      ("x-forwarded-for", "10.0.0.2")], body)
+    keyed.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer client-key"})
+    keyed.request("POST", "/v1/chat/completions", chat_body())
+    first, wrong, missing = keyed.request("GET", "/_test/requests").json()
+    assert first["headers"]["authorization"] == [f"Bearer {KEY}"]
+    assert first["headers"]["x-forwarded-for"] == ["10.0.0.1", "10.0.0.2"], "every value, in order"
+    assert first["headers"]["content-length"] == [str(len(body))]
+    assert wrong["headers"]["authorization"] == ["Bearer client-key"], "what arrived, even when refused"
+    assert "authorization" not in missing["headers"]
+
+
+def test_records_of_an_open_backend_hold_headers_too(backend: Backend) -> None:
+    backend.request("DELETE", "/_test/requests")
+    backend.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer anything", "X-A": "1"})
+    [record] = backend.request("GET", "/_test/requests").json()
+    assert record["headers"]["authorization"] == ["Bearer anything"] and record["headers"]["x-a"] == ["1"]
+
+
+def test_the_key_is_not_in_the_log_and_the_startup_line_says_one_is_required(keyed: Backend) -> None:
+    log = keyed.log.read_text()
+    assert "api_key=required" in log
+    assert KEY not in log
+
+
+def test_empty_prefix_guards_every_api_path_like_infinity(tmp_path: Path) -> None:
+    backend = start_backend(tmp_path / "stderr.log", "--model", "embed-small", "--api-prefix", "",
+                            "--api-key-env", "INFINITY_API_KEY", env={"INFINITY_API_KEY": KEY})
+    try:
+        embed = {"model": "embed-small", "input": "x"}
+        assert_unauthorized(backend.request("POST", "/embeddings", embed))
+        assert_unauthorized(backend.request("GET", "/models"))
+        assert backend.request("POST", "/embeddings", embed, BEARER).status == 200
+        assert backend.request("GET", "/models", None, BEARER).status == 200
+        assert backend.request("GET", "/health").status == 200
+    finally:
+        backend.proc.kill()
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_a_named_but_unset_or_empty_variable_serves_open(tmp_path: Path, value: str | None) -> None:
+    backend = start_backend(tmp_path / "stderr.log", "--model", "m", "--api-key-env", "LLM_API_KEY",
+                            env={"LLM_API_KEY": value})
+    try:
+        assert "api_key=none" in backend.log.read_text()
+        assert backend.request("POST", "/v1/chat/completions", {**chat_body(), "model": "m"}).status == 200
+    finally:
+        backend.proc.kill()
+
+
+def test_official_openai_client_raises_authentication_error_without_the_key(keyed: Backend) -> None:
+    openai = pytest.importorskip("openai")
+    base = f"http://127.0.0.1:{keyed.port}/v1"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    listed = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0).models.list()
+    assert [m.id for m in listed] == ["chat-small", "gpt-4o-mini"]
 
 
 # --- the official client ----------------------------------------------------------------------
