@@ -25,11 +25,16 @@ CPU, each with its own wrk: the scheduler gives each worker half of that CPU, an
 of their req/s is the ratio of their costs per request, measured in the same seconds
 ("same CPU" column). Every number printed is measured in this run.
 
+--production measures the production path instead: the gateway with HTTPS only, an API key
+checked on every request, the per-key and per-address limits counted on every request (set
+far above the load, so none refuses) and its JSON log, against a plain TLS proxy_pass with the
+same certificate (wrk keeps its connections, so handshakes are not what is measured).
+
 --config-size measures nothing: it renders the role for the lab inventory's registry and
 prints the lines and bytes of the gateway's nginx files.
 
     .venv/bin/python benchmarks/gateway_bench.py [--duration 4] [--rounds 5] [--connections 16]
-                                                 [--registry-size 2] [--bodies LABEL ...]
+                                                 [--registry-size 2] [--bodies LABEL ...] [--production]
     .venv/bin/python benchmarks/gateway_bench.py --config-size
 """
 
@@ -38,7 +43,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -102,6 +109,9 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("BENCH_KEY") then
+  wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+end
 function done(summary, latency, requests)
   io.write(string.format('BENCH {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
     '"status_errors":%d,"socket_errors":%d}\\n', summary.requests, summary.duration,
@@ -158,13 +168,21 @@ def backend_conf(root: Path, port: int, decoy_port: int) -> Path:
     }}""")
 
 
-def plain_conf(root: Path, port: int, backend_port: int) -> Path:
-    """nginx proxy_pass with the gateway's proxy settings but no routing."""
+def plain_conf(root: Path, port: int, backend_port: int, tls: tuple[Path, Path] | None = None) -> Path:
+    """nginx proxy_pass with the gateway's proxy settings but no routing (over TLS with `tls`:
+    the certificate and key, with the gateway's TLS settings)."""
+    listen = f"127.0.0.1:{port}"
+    if tls is not None:
+        listen += f""" ssl;
+        ssl_certificate {tls[0]};
+        ssl_certificate_key {tls[1]};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:plain_tls:10m"""
     return write_nginx_conf(root, f"""
     access_log {root}/logs/access.log;
     upstream backend {{ server {BACKEND_ADDRESS}:{backend_port}; keepalive 32; keepalive_timeout 4s; }}
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         client_max_body_size {MAX_BODY};
         client_body_buffer_size {MAX_BODY};
         location / {{
@@ -186,10 +204,12 @@ class Result:
     errors: int
 
 
-def start_wrk(url: str, body: Path, script: Path, duration: int, connections: int) -> subprocess.Popen[str]:
-    """wrk with one thread on the load CPU, running."""
+def start_wrk(url: str, body: Path, script: Path, duration: int, connections: int,
+              key: str | None = None) -> subprocess.Popen[str]:
+    """wrk with one thread on the load CPU, running (with `key` as its Bearer key)."""
+    env = {"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin", **({"BENCH_KEY": key} if key else {})}
     return subprocess.Popen([WRK, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), url],
-                            stdout=subprocess.PIPE, text=True, env={"BENCH_BODY": str(body), "PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.PIPE, text=True, env=env,
                             preexec_fn=(lambda: os.sched_setaffinity(0, LOAD_CPUS)) if PINNED else None)
 
 
@@ -204,7 +224,7 @@ def wrk_result(proc: subprocess.Popen[str]) -> Result:
                   p99_ms=data["p99_us"] / 1000, errors=data["status_errors"] + data["socket_errors"])
 
 
-def check_route(url: str, body: bytes, access_log: Path) -> None:
+def check_route(url: str, body: bytes, access_log: Path, key: str | None = None) -> None:
     """Before measuring: the body must reach the chat-small backend, routed by nginx alone.
 
     A body njs routed would measure the fallback, not the routing; the access log says
@@ -213,9 +233,12 @@ def check_route(url: str, body: bytes, access_log: Path) -> None:
     """
     request_id = f"bench-{uuid.uuid4().hex}"
     start = access_log.stat().st_size if access_log.exists() else 0
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
-                                                              "X-Request-ID": request_id})
-    with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 - loopback URL built here
+    headers = {"Content-Type": "application/json", "X-Request-ID": request_id,
+               **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=body, headers=headers)
+    # The gateway's self-signed certificate, on loopback.
+    context = ssl._create_unverified_context() if url.startswith("https:") else None  # noqa: S323
+    with urllib.request.urlopen(request, timeout=10, context=context) as reply:  # noqa: S310 - loopback URL
         answer = reply.read()
     if b"chat.completion" not in answer:
         raise SystemExit(f"gateway answered {answer[:200]!r}, not the chat-small backend")
@@ -267,6 +290,17 @@ def config_size() -> int:
     return 0
 
 
+def production_settings(port: int, key: str) -> dict[str, Any]:
+    """The gateway as a real inventory runs it: HTTPS only, one client key checked on every
+    request, the per-key and per-address rate and concurrency limits counted on every request
+    (set far above what the run sends, so that none refuses), the JSON access log."""
+    return {"gateway_http_port": 0, "gateway_https_port": port, "gateway_api_keys_required": True,
+            "llm_api_keys": [{"id": "bench", "key": key, "models": "all", "rate_per_minute": 100_000_000,
+                              "burst": 1_000_000, "concurrency": 60_000}],
+            "gateway_address_rate_per_minute": 100_000_000, "gateway_address_burst": 1_000_000,
+            "gateway_address_concurrency": 60_000}
+
+
 def measure(args: argparse.Namespace) -> int:
     """Start everything, measure, print the table, stop what was started."""
     reason = nginx_missing() or (None if Path(WRK).exists() else "wrk not found (apt install wrk)")
@@ -282,22 +316,27 @@ def measure(args: argparse.Namespace) -> int:
                                  cpus=LOAD_CPUS))
         # Both proxies run with the environment the gateway role gives nginx.service.
         heap = nginx_environment()
-        procs.append(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"]), ports["plain"], heap,
-                                 PROXY_CPUS))
         registry = bench_registry(ports["backend"], ports["decoy"], args.registry_size)
         started = time.monotonic()
-        conf = render_gateway(work / "gateway", registry, ADDRESSES, gateway_http_port=ports["gateway"],
-                              gateway_https_port=0, gateway_client_max_body_size=MAX_BODY)
+        key = secrets.token_urlsafe(32) if args.production else None
+        conf = render_gateway(work / "gateway", registry, ADDRESSES, gateway_client_max_body_size=MAX_BODY,
+                              **(production_settings(ports["gateway"], key) if key else
+                                 {"gateway_http_port": ports["gateway"], "gateway_https_port": 0,
+                                  "gateway_address_rate_per_minute": 0, "gateway_address_concurrency": 0}))
         rendered = time.monotonic() - started
+        tls = (work / "gateway" / "llm" / "gateway.crt", work / "gateway" / "llm" / "gateway.key")
+        procs.append(start_nginx(plain_conf(work / "plain", ports["plain"], ports["backend"],
+                                            tls if key else None), ports["plain"], heap, PROXY_CPUS))
         procs.append(start_nginx(conf, ports["gateway"], heap, PROXY_CPUS))
         access_log = work / "gateway" / "logs" / "llm-access.log"
 
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT)
+        scheme = "https" if key else "http"
         targets = {
             "direct": f"http://{BACKEND_ADDRESS}:{ports['backend']}/v1/chat/completions",
-            "plain": f"http://127.0.0.1:{ports['plain']}/v1/chat/completions",
-            "gateway": f"http://127.0.0.1:{ports['gateway']}/v1/chat/completions",
+            "plain": f"{scheme}://127.0.0.1:{ports['plain']}/v1/chat/completions",
+            "gateway": f"{scheme}://127.0.0.1:{ports['gateway']}/v1/chat/completions",
         }
         names = sum(1 + len(m["aliases"]) for m in registry)
         lines, nbytes, _ = file_size(work / "gateway" / "llm" / "gateway.conf")
@@ -311,15 +350,15 @@ def measure(args: argparse.Namespace) -> int:
             size, model_first = BODIES[label]
             body = work / f"body-{size}-{int(model_first)}.json"
             body.write_bytes(body_of_size(size, model_first))
-            check_route(targets["gateway"], body.read_bytes(), access_log)
+            check_route(targets["gateway"], body.read_bytes(), access_log, key)
             runs: dict[str, list[Result]] = {name: [] for name in targets}
             shared: list[float] = []
             for round_no in range(args.rounds):
                 order = list(targets) if round_no % 2 == 0 else list(reversed(targets))
                 for name in order:
                     runs[name].append(wrk_result(start_wrk(targets[name], body, script, args.duration,
-                                                           args.connections)))
-                together = [start_wrk(targets[name], body, script, args.duration, args.connections)
+                                                           args.connections, key)))
+                together = [start_wrk(targets[name], body, script, args.duration, args.connections, key)
                             for name in ("plain", "gateway")]
                 plain_share, gateway_share = (wrk_result(proc) for proc in together)
                 shared.append(gateway_share.rps / plain_share.rps)
@@ -356,6 +395,9 @@ def main() -> int:
     parser.add_argument("--registry-size", type=int, default=2, metavar="N",
                         help="models in the gateway's registry: chat-small, chat-large and N-2 idle ones "
                              "with two aliases each (default 2)")
+    parser.add_argument("--production", action="store_true",
+                        help="the production path: TLS, API key check, rate and concurrency limits and the JSON "
+                             "log, against a plain TLS proxy_pass")
     parser.add_argument("--config-size", action="store_true",
                         help="measure nothing: print the lines and bytes of the lab registry's gateway config")
     args = parser.parse_args()

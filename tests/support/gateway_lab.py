@@ -309,7 +309,8 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
                              ("api_keys.js.j2", conf_dir / "api_keys.js"),
                              ("backend-auth.conf.j2", conf_dir / "backend-auth.conf")):
         target.write_text(env.get_template(template).render(values))
-    shutil.copy(ROLE / "files" / "router.js", conf_dir / "router.js")
+    for script in ("router.js", "auth.js"):
+        shutil.copy(ROLE / "files" / script, conf_dir / script)
     # The role writes it with community.general.htpasswd (bcrypt); the same hashes here.
     (conf_dir / "admin.htpasswd").write_text("".join(
         f"{user['name']}:{bcrypt.hashpw(user['password'].encode(), bcrypt.gensalt(rounds=4)).decode()}\n"

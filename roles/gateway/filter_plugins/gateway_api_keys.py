@@ -54,9 +54,15 @@ def _expiry(value: Any) -> int:
     return int(moment.timestamp())
 
 
-def _limit(value: Any) -> int:
+# nginx's limit_conn takes at most 65535.
+MAX_CONCURRENCY = 65535
+
+
+def _limit(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"must be a whole number, 0 for no limit, got {value!r}")
+    if field == "concurrency" and value > MAX_CONCURRENCY:
+        raise ValueError(f"must be at most {MAX_CONCURRENCY} (nginx's limit), got {value}")
     return value
 
 
@@ -131,7 +137,7 @@ def _entry(index: int, raw: Any, routes: Mapping[str, Any], defaults: Mapping[st
     key = check("key", _check_key) if "key" in raw else None
     models = check("models", _models, routes) if "models" in raw else None
     expires = check("expires", _expiry) if raw.get("expires") not in (None, "") else None
-    limits = {field: check(field, _limit) if field in raw else defaults[field] for field in LIMITS}
+    limits = {field: check(field, _limit, field) if field in raw else defaults[field] for field in LIMITS}
     if len(errors) > before:
         return None
     return {
