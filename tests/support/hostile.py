@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Errors that mean the peer is gone: what was read so far is all there is.
@@ -52,7 +52,6 @@ class Exchange:
     closed: bool
     elapsed: float
     send_error: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def client_context() -> ssl.SSLContext:
@@ -353,11 +352,13 @@ def top_level_model(body: bytes) -> tuple[str, str | NoModel]:
 
     "json": the body is JSON (Python's parser, UTF-8; of repeated keys the last counts).
     "object": not JSON, but one object member by member, values skipped whole (the README's
-    third case). "first": neither, but its first member is "model" with a string, the body
-    ends with "}", no key is spelled with an escaped letter of "model" and no later
-    `"model":` has any other value (the README's second case, read more strictly: a later
-    nested "model" with another name, which the gateway may ignore, counts here; bodies of
-    that shape are not sent invalid). "none": no model can be read.
+    third case). "tail": neither, but a later "model" member (after "," or space, not the
+    first key of its object) is followed only by other members and the closing brace (the
+    README's first case). "first": none of these, but its first member is "model" with a string, the body
+    ends with "}", no key is spelled with an escaped letter of "model", and every later
+    `"model":` with another value opens its object or is provably nested (its object closes
+    right after its value and more follows): the README's second case, where the rest is
+    the backend's to refuse. Else NO_MODEL.
     """
     try:
         parsed = json.loads(body.decode("utf-8"))
@@ -370,7 +371,40 @@ def top_level_model(body: bytes) -> tuple[str, str | NoModel]:
     if members is not None:
         values = [raw for key, raw in members if key == "model"]
         return "object", _model_of(values[-1]) if values else NO_MODEL
+    tail = _tail_model(body)
+    if tail is not NO_MODEL:
+        return "tail", tail
     return "first", _first_member_model(body)
+
+
+def _tail_model(body: bytes) -> str | NoModel:
+    """A later "model" member that only other members and the object's closing brace follow."""
+    for later in _LATER_MODEL.finditer(body, 1):
+        if body[later.start() - 1] not in b"," + _SPACE or _first_key(body, later.start()):
+            continue
+        value_end = _value_end(body, later.end())
+        if value_end != -1 and _only_members_follow(body, value_end):
+            return _model_of(body[later.end():value_end])
+    return NO_MODEL
+
+
+def _only_members_follow(body: bytes, at: int) -> bool:
+    while True:
+        at = _skip(body, at)
+        if at < len(body) and body[at] == 0x7D:
+            return _skip(body, at + 1) == len(body)
+        if at >= len(body) or body[at] != 0x2C:
+            return False
+        at = _skip(body, at + 1)
+        key_end = _string_end(body, at) if at < len(body) and body[at] == 0x22 else -1
+        if key_end == -1 or _text(body[at:key_end]) == "model":
+            return False
+        at = _skip(body, key_end)
+        if at >= len(body) or body[at] != 0x3A:
+            return False
+        at = _value_end(body, _skip(body, at + 1))
+        if at == -1:
+            return False
 
 
 def _first_member_model(body: bytes) -> str | NoModel:
@@ -392,10 +426,21 @@ def _first_member_model(body: bytes) -> str | NoModel:
     if isinstance(name, NoModel) or _ESCAPED_MODEL_LETTER.search(body):
         return NO_MODEL
     for later in _LATER_MODEL.finditer(body, end):
+        if _first_key(body, later.start()):
+            continue
         value_end = _value_end(body, later.end())
+        after = _skip(body, value_end) if value_end != -1 else len(body)
+        if after < len(body) and body[after] == 0x7D and _skip(body, after + 1) < len(body):
+            continue  # its object closes right after it and more follows: nested
         if value_end == -1 or _model_of(body[later.end():value_end]) != name:
             return NO_MODEL
     return name
+
+
+def _first_key(body: bytes, at: int) -> bool:
+    """Whether the key at `at` opens its object: "{" and at most 8 bytes of space before it."""
+    start = len(body[:at].rstrip(_SPACE))
+    return at - start <= 8 and start > 0 and body[start - 1] == 0x7B
 
 
 def may_reach(body: bytes, names: Iterable[str]) -> bool:
