@@ -28,8 +28,10 @@ import collections
 import concurrent.futures
 import hashlib
 import json
+import os
 import re
 import secrets
+import tempfile
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,10 @@ from gateway_lab import Backend, Gateway, free_port, model, nginx_missing, rende
 from hostile import Exchange, RawReply, classify, client_context, exchange_raw, may_reach, top_level_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# Hypothesis caches Unicode tables and constants even without a database: not in the repository.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "llm-gateway-hypothesis"))
 
 ALLOWED, ALIAS, FORBIDDEN = "open-model", "open-alias", "closed-model"
 ALLOWED_NAMES = (ALLOWED, ALIAS)
