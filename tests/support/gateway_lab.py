@@ -223,6 +223,7 @@ def _filters() -> dict[str, Any]:
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
     filters["dirname"] = os.path.dirname
+    filters["regex_replace"] = lambda value, pattern, replacement="": re.sub(pattern, replacement, value)
     filters["hash"] = lambda text, algorithm: __import__("hashlib").new(algorithm, text.encode()).hexdigest()
     return filters
 

@@ -543,6 +543,10 @@ function nginxError(r) {
     if (status === 429) {
         return tooManyRequests(r);
     }
+    if (status === 505) {
+        return invalid(r, 400, 'Unsupported HTTP version in the request line; send HTTP/1.1.', null,
+                       'unsupported_http_version');
+    }
     if (status === 501) {
         return invalid(r, 400, 'Unsupported Transfer-Encoding; send the body with a Content-Length or chunked.',
                        null, 'unsupported_transfer_encoding');
