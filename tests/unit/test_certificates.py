@@ -3,14 +3,20 @@
 Certificates here are made with `cryptography` in memory, the way the role's CA
 makes them, so each test can shape exactly the case it checks: a moved key, a
 changed name, another CA, a certificate near its end, a chain out of order.
+The ACME path cannot run in the lab (no ACME CA reaches it), so the certbot
+command and the deploy hook it saves are checked here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import shlex
+import subprocess
+from pathlib import Path
 
 import certificates as plugin
+import jinja2
 import pytest
 from ansible.errors import AnsibleFilterError
 from cryptography import x509
@@ -18,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+REPO = Path(__file__).resolve().parents[2]
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.timezone.utc)
 
 
@@ -323,3 +330,64 @@ def test_certbot_settings_are_all_checked_at_once() -> None:
 def test_certbot_needs_domains() -> None:
     with pytest.raises(AnsibleFilterError, match="certificates_acme_domains is empty"):
         plugin.certificates_certbot_args({**ACME, "domains": []})
+
+
+# --- certbot's deploy hook -------------------------------------------------------------------
+# Rendered from the role's template and run with stand-ins for install, mv and systemctl that
+# log their arguments, so what the hook would do on a renewal is seen without root or systemd.
+
+HOOK_VARS = {
+    "ansible_managed": "Ansible managed",
+    "__certificates_acme_live_dir": "/etc/letsencrypt/live/llm",
+    "certificates_key_group": "www-data",
+    "certificates_server_key_path": "/etc/ssl/llm/server.key",
+    "certificates_server_certificate_path": "/etc/ssl/llm/server.crt",
+}
+
+
+def _render_hook(services: list[str]) -> str:
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    environment.filters["quote"] = shlex.quote
+    template = (REPO / "roles" / "certificates" / "templates" / "certbot-deploy-hook.j2").read_text()
+    return environment.from_string(template).render(**HOOK_VARS, certificates_reload_services=services)
+
+
+def _run_hook(tmp_path: Path, services: list[str], lineage: str, active: set[str]) -> list[str]:
+    hook = tmp_path / "hook"
+    hook.write_text(_render_hook(services))
+    hook.chmod(0o755)
+    log = tmp_path / "log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("install", "mv"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+    active_list = " ".join(sorted(active))
+    (bin_dir / "systemctl").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = is-active ]; then for s in {active_list}; do [ "$s" = "$3" ] && exit 0; done; exit 3; fi\n'
+        f'echo "systemctl $*" >> {log}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RENEWED_LINEAGE": lineage}
+    subprocess.run([str(hook)], check=True, env=env)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_deploy_hook_is_valid_shell() -> None:
+    for services in ([], ["nginx"], ["nginx", "other service"]):
+        subprocess.run(["sh", "-n"], input=_render_hook(services), text=True, check=True)
+
+
+def test_the_deploy_hook_installs_the_pair_then_reloads_only_running_services(tmp_path: Path) -> None:
+    steps = _run_hook(tmp_path, ["nginx", "stopped"], "/etc/letsencrypt/live/llm", active={"nginx"})
+    assert steps == [
+        "install -m 0640 -o root -g www-data /etc/letsencrypt/live/llm/privkey.pem /etc/ssl/llm/server.key.new",
+        "install -m 0644 -o root -g root /etc/letsencrypt/live/llm/fullchain.pem /etc/ssl/llm/server.crt.new",
+        "mv -f /etc/ssl/llm/server.key.new /etc/ssl/llm/server.key",
+        "mv -f /etc/ssl/llm/server.crt.new /etc/ssl/llm/server.crt",
+        "systemctl reload nginx",
+    ]
+
+
+def test_the_deploy_hook_leaves_other_lineages_alone(tmp_path: Path) -> None:
+    assert _run_hook(tmp_path, ["nginx"], "/etc/letsencrypt/live/other", active={"nginx"}) == []
