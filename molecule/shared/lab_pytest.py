@@ -144,10 +144,32 @@ def landed(backends: list[Backend]) -> dict[tuple[str, str], list[dict]]:
     return {key: records for key, records in received.items() if records}
 
 
+def credential(name: str) -> str:
+    """A secret the scenario generated on the controller (ansible.builtin.password lookups into
+    the inventory's credentials/ directory): an API key, an admin password, a model server's key."""
+    path = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "credentials" / name
+    return path.read_text().split()[0]
+
+
+def api_key(key_id: str = "tests") -> str:
+    """A client key of the scenario's llm_api_keys; "tests" may use every model."""
+    return credential(f"api-keys/{key_id}")
+
+
+def bearer(key_id: str = "tests") -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key(key_id)}"}
+
+
 def post(gateway_url: str, endpoint: str, body: bytes, headers: dict | None = None) -> requests.Response:
-    """A JSON body, as is, to an endpoint's path on the gateway."""
+    """A JSON body, as is, to an endpoint's path on the gateway, with the "tests" key unless
+    `headers` bring an Authorization of their own."""
     return requests.post(gateway_url + GATEWAY_PATHS[endpoint], data=body,
-                         headers={"Content-Type": "application/json", **(headers or {})}, timeout=60)
+                         headers={"Content-Type": "application/json", **bearer(), **(headers or {})}, timeout=60)
+
+
+def get(gateway_url: str, path: str, key_id: str | None = "tests") -> requests.Response:
+    """A GET on the gateway, with a client key (None: without one)."""
+    return requests.get(gateway_url + path, headers=bearer(key_id) if key_id else {}, timeout=10)
 
 
 def assert_openai_error(response: requests.Response, status: int, code: str | None = None) -> dict:

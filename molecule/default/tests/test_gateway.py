@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lab_pytest import wait_until
+import requests
+from lab_pytest import bearer, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -46,17 +47,16 @@ def test_debian_default_site_is_gone(host):
     assert not host.file("/etc/nginx/sites-enabled/default").exists
 
 
-def test_router_files_are_root_owned_and_not_writable_by_nginx(host):
+def test_gateway_files_are_root_owned_and_readable_by_nginx_only(host):
+    """Some hold the model servers' keys, the htpasswd hashes or the client keys' hashes."""
     assert not host.file("/etc/nginx/llm/upstreams.conf").exists, "the upstreams are in gateway.conf"
-    for name in ("router.js", "routes.js", "gateway.conf"):
+    directory = host.file("/etc/nginx/llm")
+    assert (directory.user, directory.group, directory.mode) == ("root", "www-data", 0o750)
+    for name in ("router.js", "routes.js", "api_keys.js", "gateway.conf", "find-model.conf", "backend-auth.conf",
+                 "admin.htpasswd"):
         config = host.file(f"/etc/nginx/llm/{name}")
         assert config.exists, name
-        assert (config.user, config.group, config.mode) == ("root", "root", 0o644), name
-
-
-def test_tls_key_is_readable_by_nginx_only(host):
-    key = host.file("/etc/nginx/llm/tls/gateway.key")
-    assert (key.user, key.group, key.mode) == ("root", "www-data", 0o640)
+        assert (config.user, config.group, config.mode) == ("root", "www-data", 0o640), name
 
 
 def test_routes_are_derived_from_the_registry(host):
@@ -65,8 +65,8 @@ def test_routes_are_derived_from_the_registry(host):
         assert json.dumps(model) in routes, model
 
 
-def test_access_log_is_one_json_object_per_request(host):
-    host.run("curl -s -o /dev/null -H 'X-Request-ID: log-probe-1' http://127.0.0.1/v1/models")
+def test_access_log_is_one_json_object_per_request(host, gateway_url):
+    requests.get(f"{gateway_url}/v1/models", headers={"X-Request-ID": "log-probe-1", **bearer()}, timeout=10)
 
     def probe_lines() -> list[str]:
         log = host.file("/var/log/nginx/llm-access.log").content_string
@@ -78,5 +78,5 @@ def test_access_log_is_one_json_object_per_request(host):
     entry = json.loads(line)
     assert entry["request_id"] == "log-probe-1"
     assert entry["status"] == 200
-    assert {"time", "model", "upstream_addr", "request_time", "bytes_in", "bytes_out", "stream",
-            "api_key_id"} <= entry.keys()
+    assert {"time", "model", "upstream_addr", "request_time", "bytes_in", "bytes_out", "stream"} <= entry.keys()
+    assert entry["api_key_id"] == "tests"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import openai
 import pytest
+from lab_pytest import api_key
 
 testinfra_hosts = ["llm_gateways"]
 
 
 @pytest.fixture(scope="module")
 def client(gateway_url) -> openai.OpenAI:
-    # No API keys yet on the gateway; the client insists on one.
-    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key(), max_retries=0, timeout=30)
 
 
 def test_chat(client):

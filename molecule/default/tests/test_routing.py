@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 import requests
 
-from lab_pytest import assert_openai_error, backend_path, landed, post, wait_until
+from lab_pytest import assert_openai_error, backend_path, bearer, get, landed, post, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -134,7 +134,7 @@ def test_body_over_the_limit_is_413_json_and_reaches_no_backend(gateway_url, cle
 
 @pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)])
 def test_no_html_error_page_on_api_paths(gateway_url, method, path, status):
-    response = requests.request(method, gateway_url + path, timeout=10)
+    response = requests.request(method, gateway_url + path, headers=bearer(), timeout=10)
     assert_openai_error(response, status)
 
 
@@ -142,13 +142,13 @@ def test_no_html_error_page_on_api_paths(gateway_url, method, path, status):
 
 
 def test_models_list_equals_the_registry(gateway_url, registry):
-    listing = requests.get(f"{gateway_url}/v1/models", timeout=10).json()
+    listing = get(gateway_url, "/v1/models").json()
     assert listing["object"] == "list"
     assert sorted(m["id"] for m in listing["data"]) == sorted(m["name"] for m in registry)
     assert all(m["object"] == "model" for m in listing["data"])
-    one = requests.get(f"{gateway_url}/v1/models/chat-small", timeout=10)
+    one = get(gateway_url, "/v1/models/chat-small")
     assert one.status_code == 200 and one.json()["id"] == "chat-small"
-    assert_openai_error(requests.get(f"{gateway_url}/v1/models/nope", timeout=10), 404, "model_not_found")
+    assert_openai_error(get(gateway_url, "/v1/models/nope"), 404, "model_not_found")
 
 
 def test_gateway_health(gateway_url):
@@ -163,7 +163,7 @@ def _event_arrival_times(url: str, context: ssl.SSLContext | None = None) -> lis
     body = json.dumps({"model": "chat-large", "stream": True, "max_tokens": 6,
                        "messages": [{"role": "user", "content": "count"}]}).encode()
     request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={
-        "Content-Type": "application/json", "X-Test-Stream-Interval": "0.5"})
+        "Content-Type": "application/json", "X-Test-Stream-Interval": "0.5", **bearer()})
     start = time.monotonic()
     arrivals = []
     with urllib.request.urlopen(request, timeout=30, context=context) as response:

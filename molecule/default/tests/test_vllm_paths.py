@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import requests
 
-from lab_pytest import assert_openai_error, backend_path, landed, post
+from lab_pytest import assert_openai_error, backend_path, bearer, landed, post
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -131,6 +131,6 @@ def test_a_model_without_the_endpoint_is_400_and_reaches_no_backend(gateway_url,
 @pytest.mark.parametrize(("method", "path"), NEVER_PROXIED, ids=[f"{m} {p}" for m, p in NEVER_PROXIED])
 def test_vllm_control_paths_are_404_json_and_reach_no_backend(gateway_url, clean, method, path):
     response = requests.request(method, gateway_url + path, data=json.dumps({"model": MODEL}),
-                                headers={"Content-Type": "application/json"}, timeout=10)
+                                headers={"Content-Type": "application/json", **bearer()}, timeout=10)
     assert_openai_error(response, 404)
     assert landed(clean) == {}
