@@ -47,7 +47,9 @@ def bearer(key: str) -> dict[str, str]:
 def api_call(model: dict, address: str, key: str | None) -> requests.Response:
     """One request to the model's first endpoint on its own server, with `key` or no Authorization."""
     endpoint = next(e for e in model["endpoints"] if e in BODIES)
-    url = f"http://{address}:{model['port']}{backend_path(model, endpoint)}"
+    # The registry as written: an Infinity entry without api_prefix serves at the root.
+    written = {"api_prefix": "" if model["engine"] == "infinity" else "/v1", **model}
+    url = f"http://{address}:{model['port']}{backend_path(written, endpoint)}"
     return requests.post(url, json={"model": model["name"], **BODIES[endpoint]}, timeout=60,
                          headers=bearer(key) if key is not None else {})
 
