@@ -28,9 +28,11 @@ def test_keys_are_hashed_and_aliases_resolved() -> None:
     result = table([{"id": "team-a", "key": KEY_A, "models": ["gpt-4o-mini"]},
                     {"id": "ops", "key": KEY_B, "models": "all", "expires": "2027-01-31"}])
     assert KEY_A not in repr(result) and KEY_B not in repr(result)
-    by_hash = result["by_hash"]
-    assert by_hash[hashlib.sha256(KEY_A.encode()).hexdigest()]["models"] == ["chat-small"]
-    assert by_hash[hashlib.sha256(KEY_B.encode()).hexdigest()]["expires"] == int(datetime.datetime(2027, 1, 31, tzinfo=datetime.timezone.utc).timestamp())
+    expires = int(datetime.datetime(2027, 1, 31, tzinfo=datetime.timezone.utc).timestamp())
+    assert dict(result["hash_rows"]) == {hashlib.sha256(KEY_A.encode()).hexdigest(): "team-a 0",
+                                         hashlib.sha256(KEY_B.encode()).hexdigest(): f"ops {expires}"}
+    assert result["by_id"]["team-a"]["models"] == ["chat-small"]
+    assert result["by_id"]["ops"]["models"] is None
     assert result["model_rows"] == [("team-a", "chat-small")]
     assert result["all_models"] == ["ops"]
 

@@ -1,64 +1,57 @@
 /*
- * The client's API key: "Authorization: Bearer <key>" hashed with SHA-256 and
- * looked up in api_keys.js, which the gateway role generates from llm_api_keys
- * and which holds hashes, ids and rules, never a key.
+ * The client's API key, checked on every API request: "Authorization: Bearer <key>"
+ * hashed with SHA-256 here, the hash looked up in nginx's map of known keys
+ * (gateway.conf: $llm_key_hash -> $llm_key_row, generated from llm_api_keys; only
+ * hashes are on the gateway), the row's expiry checked here.
  *
- * keyId() is the js_set behind $llm_key_id: nginx asks it in the rewrite phase
- * of every API request, before any limit counts it, and keeps the answer for
- * the request. This module is kept small on purpose: njs sets up the modules of
- * a location for each request that runs JavaScript there, and nginx routes most
- * requests without the router. Runs on njs 0.7.9.
+ * This module imports nothing and builds nothing when it loads, on purpose: njs
+ * 0.7 sets up the modules of a location anew for each request that runs
+ * JavaScript there, so whatever a module builds at load time is paid by every
+ * request. The tables stay in nginx, where a lookup costs a hash.
  */
-import apiKeys from 'api_keys.js';
-
 var crypto = require('crypto');
 
-var KEY_BY_ID = {};
-Object.keys(apiKeys.keys).forEach(function (hash) {
-    KEY_BY_ID[apiKeys.keys[hash].id] = apiKeys.keys[hash];
-});
 // RFC 6750's b64token, at most as long as a key the role accepts.
 var BEARER = /^Bearer +([A-Za-z0-9._~+\/-]{1,256}=*) *$/i;
+// $llm_key_hash of an Authorization header that is not "Bearer <token>".
+var MALFORMED = '-';
 
-/* {key} when the request carries a known, unexpired key, else {reason}. Never the key itself. */
-function checkKey(r) {
-    var header = r.headersIn.Authorization, match, key;
-
+/* js_set $llm_key_hash: the key's SHA-256 (hex); empty without a header, "-" for a malformed one. */
+function keyHash(r) {
+    var header = r.headersIn.Authorization, match;
     if (header === undefined || header === '') {
-        return {reason: 'missing'};
+        return '';
     }
     match = BEARER.exec(header);
-    if (!match) {
-        return {reason: 'malformed'};
+    return match ? crypto.createHash('sha256').update(match[1]).digest('hex') : MALFORMED;
+}
+
+/* "<id> <expires>" (0: never) -> the id if the key has not expired, else empty. */
+function validId(row) {
+    var space = row.indexOf(' '), expires;
+    if (space === -1) {
+        return '';
     }
-    key = apiKeys.keys[crypto.createHash('sha256').update(match[1]).digest('hex')];
-    if (!key) {
-        return {reason: 'unknown'};
-    }
-    if (key.expires !== null && Date.now() / 1000 >= key.expires) {
-        return {reason: 'expired'};
-    }
-    return {key: key};
+    expires = Number(row.substring(space + 1));
+    return expires && Date.now() / 1000 >= expires ? '' : row.substring(0, space);
 }
 
 /* js_set $llm_key_id: the id of the request's valid key, or empty. */
 function keyId(r) {
-    var checked = checkKey(r);
-    return checked.key ? checked.key.id : '';
+    var row = r.variables.llm_key_row;
+    return row ? validId(row) : '';
 }
 
-function keyById(id) {
-    return KEY_BY_ID[id];
-}
-
-/* May the request's key use this model (its canonical name)? Every model when keys are off. */
-function permitted(r, model) {
-    var key;
-    if (!apiKeys.required) {
-        return true;
+/* Why a request has no valid key: missing, malformed, unknown or expired (never the key). */
+function reason(r) {
+    var hash = r.variables.llm_key_hash;
+    if (!hash) {
+        return 'missing';
     }
-    key = KEY_BY_ID[r.variables.llm_key_id];
-    return key !== undefined && (key.models === null || key.models.indexOf(model) !== -1);
+    if (hash === MALFORMED) {
+        return 'malformed';
+    }
+    return r.variables.llm_key_row ? 'expired' : 'unknown';
 }
 
-export default {keyId, checkKey, keyById, permitted, addressRatePerMinute: apiKeys.addressRatePerMinute};
+export default {keyHash, keyId, reason};

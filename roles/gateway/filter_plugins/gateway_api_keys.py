@@ -199,9 +199,10 @@ def _table(entries: list[dict[str, Any]]) -> dict[str, Any]:
             entry["conn_class"] = conn_class["name"]
     return {
         "keys": entries,
-        # What router.js needs to check a key: nothing but hashes, ids and rules.
-        "by_hash": {e["sha256"]: {"id": e["id"], "models": e["models"], "expires": e["expires"],
-                                  "rate_per_minute": e["rate_per_minute"]} for e in entries},
+        # nginx's map of known keys: SHA-256 -> "<id> <expires>" (0: never).
+        "hash_rows": [(e["sha256"], f"{e['id']} {e['expires'] or 0}") for e in entries],
+        # What router.js needs (models listed, Retry-After): no key, no hash.
+        "by_id": {e["id"]: {"models": e["models"], "rate_per_minute": e["rate_per_minute"]} for e in entries},
         "model_rows": sorted((e["id"], model) for e in entries if e["models"] is not None for model in e["models"]),
         "all_models": sorted(e["id"] for e in entries if e["models"] is None),
         "rate_classes": list(rate_classes.values()),
