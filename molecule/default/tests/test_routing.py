@@ -223,3 +223,7 @@ def test_one_host_down_loses_no_request_and_all_down_is_503(gateway_url, backend
     finally:
         for backend in shared:
             _start_model(lab_host, backend.host, "chat-small", address_of(backend.host), backend.model["port"])
+        # nginx keeps the servers marked failed for fail_timeout: the tests after this one
+        # need chat-small routed again.
+        assert wait_until(lambda: post(gateway_url, "chat", request_body("chat-small", "chat")).status_code == 200,
+                          timeout=30), "chat-small is not routed again after its servers came back"
