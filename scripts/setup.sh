@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up of a fresh machine for the toolkit and its lab:
-#   - Debian packages: docker.io, debootstrap (lab images), nginx with njs (the
-#     router's unit tests run it on loopback), wrk (the benchmark's load generator)
+#   - Debian packages: docker.io, debootstrap (lab images), nginx with njs and the
+#     cache purge module (the router's unit tests run it on loopback), wrk (the
+#     benchmark's load generator)
 #   - a Docker engine, started when none answers
 #   - .venv with the pinned development requirements (ansible, molecule, ...)
 #   - the lab images for Debian 12 and Debian 13
@@ -18,6 +19,7 @@ command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v nginx >/dev/null || need_apt+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || need_apt+=(libnginx-mod-http-js)
+[ -e /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need_apt+=(libnginx-mod-http-cache-purge)
 command -v wrk >/dev/null || need_apt+=(wrk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} from Debian"

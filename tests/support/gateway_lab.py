@@ -43,6 +43,7 @@ ROLE = REPO / "roles" / "gateway"
 BACKEND = REPO / "tests" / "backend" / "llm_test_backend.py"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NJS_MODULE = Path(os.environ.get("NJS_MODULE", "/usr/lib/nginx/modules/ngx_http_js_module.so"))
+CACHE_PURGE_MODULE = Path("/usr/lib/nginx/modules/ngx_http_cache_purge_module.so")
 MIME_TYPES = Path("/etc/nginx/mime.types")
 
 
@@ -101,6 +102,8 @@ def nginx_missing() -> str | None:
         return "nginx binary not found (install Debian's nginx package)"
     if not NJS_MODULE.exists():
         return f"njs module {NJS_MODULE} not found (install libnginx-mod-http-js)"
+    if not CACHE_PURGE_MODULE.exists():
+        return f"cache purge module {CACHE_PURGE_MODULE} not found (install libnginx-mod-http-cache-purge)"
     return None
 
 
@@ -284,6 +287,7 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
         "ansible_managed": "rendered by tests/support/gateway_lab.py",
         "gateway_access_log": str(root / "logs" / "llm-access.log"),
         "gateway_error_log": str(root / "logs" / "error.log"),
+        "gateway_cache_path": str(root / "cache"),
         "gateway_include_conf_d": False,
         "gateway_worker_processes": 1,
         "gateway_listen_address": "127.0.0.1",
@@ -298,7 +302,7 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
     values.update({
         "__gateway_nginx_user": getpass.getuser(),
         "__gateway_nginx_pid": str(root / "logs" / "nginx.pid"),
-        "__gateway_njs_load": f"load_module {NJS_MODULE};",
+        "__gateway_njs_load": f"load_module {NJS_MODULE};\nload_module {CACHE_PURGE_MODULE};",
         "__gateway_tls_certificate_path": str(conf_dir / "gateway.crt"),
         "__gateway_tls_key_path": str(conf_dir / "gateway.key"),
         "__gateway_request_id_tag": "0123abcd",
@@ -310,7 +314,7 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
                              ("api_keys.js.j2", conf_dir / "api_keys.js"),
                              ("backend-auth.conf.j2", conf_dir / "backend-auth.conf")):
         target.write_text(env.get_template(template).render(values))
-    for script in ("router.js", "auth.js"):
+    for script in ("router.js", "auth.js", "cache.js"):
         shutil.copy(ROLE / "files" / script, conf_dir / script)
     # The role writes it with community.general.htpasswd (bcrypt); the same hashes here.
     (conf_dir / "admin.htpasswd").write_text("".join(

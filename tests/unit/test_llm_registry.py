@@ -75,6 +75,7 @@ def test_normalize_fills_defaults_for_vllm() -> None:
         "engine": "vllm",
         "endpoints": ["chat", "completions"],
         "hosts": ["gpu1"],
+        "servers": {"gpu1": {"weight": 1, "backup": False}},
         "port": 8001,
         "api_prefix": "/v1",
         "command": None,
@@ -86,6 +87,7 @@ def test_normalize_fills_defaults_for_vllm() -> None:
         "env": {},
         "gpus": [],
         "api_key": True,
+        "cache": {"endpoints": [], "valid": None, "shared": False},
         "served_names": ["qwen"],
         "paths": {"chat": "/v1/chat/completions", "completions": "/v1/completions"},
         "upstream": "llm_qwen",
@@ -184,7 +186,35 @@ BAD_FIELDS = [
     (chat(hosts="gpu1"), "field 'hosts': must be a non-empty list"),
     (chat(hosts=["gpu9"]), "model 'chat-small': field 'hosts': 'gpu9' is neither a host nor a group in the inventory"),
     (chat(hosts=["empty"]), "model 'chat-small': field 'hosts': group 'empty' has no hosts"),
-    (chat(hosts=[1]), "field 'hosts': must contain only host or group names, got 1"),
+    (chat(hosts=[1]), "field 'hosts': must contain host or group names or mappings with 'host', got 1"),
+    (chat(hosts=[{"host": "gpu1", "weight": 0}]), "model 'chat-small': field 'hosts': host 'gpu1': 'weight' must "
+                                                  "be an integer from 1 to 100, got 0"),
+    (chat(hosts=[{"host": "gpu1", "weight": "3"}]), "host 'gpu1': 'weight' must be an integer from 1 to 100, got '3'"),
+    (chat(hosts=[{"host": "gpu1", "weight": True}]), "'weight' must be an integer from 1 to 100, got boolean true"),
+    (chat(hosts=[{"host": "gpu1", "backup": "yes"}]), "host 'gpu1': 'backup' must be true or false, got 'yes'"),
+    (chat(hosts=[{"host": "gpu1", "wieght": 2}]), "field 'hosts': the entry of host 'gpu1': unknown key "
+                                                  "'wieght' (known: host, weight, backup)"),
+    (chat(hosts=[{"weight": 2}]), "field 'hosts': an entry has no 'host' (a host or group name), got null"),
+    (chat(hosts=[{"host": "gpu9", "weight": 2}]), "field 'hosts': 'gpu9' is neither a host nor a group"),
+    (chat(hosts=[{"host": "gpu1", "backup": True}]), "model 'chat-small': field 'hosts': has only backup hosts; a "
+                                                     "backup serves only while every primary host is down"),
+    (chat(hosts=[{"host": "llm_gpu_hosts", "weight": 2}, {"host": "gpu1", "backup": True}]),
+     "field 'hosts': host 'gpu1' gets a weight or backup from both 'llm_gpu_hosts' and 'gpu1'; give it once"),
+    (chat(cache="yes"), "model 'chat-small': field 'cache': must be true, false or a mapping with endpoints, valid, "
+                        "shared, got 'yes'"),
+    (chat(cache=True), "model 'chat-small': field 'cache': true caches embeddings, rerank, tokenize, detokenize, and "
+                       "this model declares none of them; name its endpoints to cache: cache: {endpoints: [...]}"),
+    (chat(cache={"endpoints": ["embeddings"]}), "field 'cache': endpoint 'embeddings' is not one of the model's "
+                                                "endpoints (chat, completions)"),
+    (chat(endpoints=["chat", "responses"], cache={"endpoints": ["responses"]}),
+     "field 'cache': endpoint 'responses' cannot be cached (cacheable: embeddings, rerank, tokenize, detokenize, chat, "
+     "completions, score)"),
+    (chat(cache={"endpoints": []}), "field 'cache': 'endpoints' must be a non-empty list of endpoint names, got an empty list"),
+    (chat(cache={"endpoints": ["chat"], "valid": "1 hour"}), "field 'cache': 'valid' must be an nginx time such as "
+                                                             "10m, 1h or 7d, got '1 hour'"),
+    (chat(cache={"endpoints": ["chat"], "shared": "no"}), "field 'cache': 'shared' must be true or false, got 'no'"),
+    (chat(cache={"endpoints": ["chat"], "ttl": "1h"}), "field 'cache': unknown key 'ttl' (known: endpoints, shared, "
+                                                       "valid)"),
     (chat(api_prefix="v1"), "model 'chat-small': field 'api_prefix': must be \"\" or a path like \"/v1\""),
     (chat(api_prefix="/v1/"), "field 'api_prefix': must be \"\" or a path like \"/v1\" (no trailing slash), "
                               "got '/v1/'"),
@@ -393,10 +423,35 @@ HOSTVARS: dict[str, dict[str, Any]] = {
 
 def test_upstreams_use_private_address_then_facts(registry: list[dict[str, Any]]) -> None:
     assert reg.llm_gateway_upstreams(registry, HOSTVARS) == [
-        {"name": "llm_bge_m3", "model": "bge-m3", "servers": ["10.0.0.12:8002"]},
-        {"name": "llm_chat_small", "model": "chat-small", "servers": ["192.168.9.1:8101", "10.0.0.12:8101"]},
-        {"name": "llm_qwen", "model": "qwen", "servers": ["192.168.9.1:8001"]},
+        {"name": "llm_bge_m3", "model": "bge-m3", "servers": ["10.0.0.12:8002"],
+         "peers": [peer("10.0.0.12:8002")]},
+        {"name": "llm_chat_small", "model": "chat-small", "servers": ["192.168.9.1:8101", "10.0.0.12:8101"],
+         "peers": [peer("192.168.9.1:8101"), peer("10.0.0.12:8101")]},
+        {"name": "llm_qwen", "model": "qwen", "servers": ["192.168.9.1:8001"], "peers": [peer("192.168.9.1:8001")]},
     ]
+
+
+def peer(address: str, weight: int = 1, backup: bool = False) -> dict[str, Any]:
+    return {"address": address, "weight": weight, "backup": backup}
+
+
+def test_weights_and_backups_per_model_reach_the_upstream_peers() -> None:
+    registry = reg.llm_registry_normalize([
+        chat(hosts=[{"host": "gpu1", "weight": 3}, "gpu2"]),
+        vllm(hosts=["gpu2", {"host": "gpu1", "backup": True}]),
+    ], GROUPS)
+    upstreams = {u["model"]: u for u in reg.llm_gateway_upstreams(registry, HOSTVARS)}
+    assert upstreams["chat-small"]["peers"] == [peer("192.168.9.1:8101", weight=3), peer("10.0.0.12:8101")]
+    # The same host, another model: its own options.
+    assert upstreams["qwen"]["peers"] == [peer("192.168.9.1:8001", backup=True), peer("10.0.0.12:8001")]
+    assert registry[0]["hosts"] == ["gpu1", "gpu2"]
+
+
+def test_a_group_entry_gives_its_options_to_every_member() -> None:
+    [model] = reg.llm_registry_normalize([chat(hosts=[{"host": "llm_gpu_hosts", "weight": 2},
+                                                      {"host": "spare", "backup": True}])], GROUPS)
+    assert model["servers"] == {"gpu1": {"weight": 2, "backup": False}, "gpu2": {"weight": 2, "backup": False},
+                                "gpu3": {"weight": 1, "backup": True}}
 
 
 def test_upstreams_bracket_ipv6(registry: list[dict[str, Any]]) -> None:
@@ -553,7 +608,7 @@ def test_paths_is_not_a_registry_field() -> None:
 def test_filter_module_exposes_all_filters() -> None:
     assert set(reg.FilterModule().filters()) == {
         "llm_registry_normalize", "llm_host_models", "llm_gateway_upstreams", "llm_gateway_routes",
-        "llm_api_endpoints", "llm_backend_key_files", "llm_backend_api_keys", "llm_backend_key_errors",
+        "llm_api_endpoints", "llm_gateway_cached_routes", "llm_backend_key_files", "llm_backend_api_keys", "llm_backend_key_errors",
     }
 
 
@@ -691,3 +746,30 @@ def test_an_edited_key_file_is_reported_with_its_path_and_not_its_content(keyed:
     assert error.startswith("llm_credentials_dir: model 'bge-m3': the key in /inv/credentials/backend-keys/bge-m3 "
                             "must be at least 16 characters long, got 8; delete the file")
     assert "tooshort" not in error
+
+
+# --- the response cache ------------------------------------------------------------------
+
+
+def test_cache_true_caches_the_deterministic_endpoints_the_model_declares() -> None:
+    [model] = reg.llm_registry_normalize([infinity(cache=True)], GROUPS)
+    assert model["cache"] == {"endpoints": ["embeddings", "rerank"], "valid": None, "shared": False}
+
+
+def test_cached_routes_name_location_path_and_whether_the_endpoint_streams() -> None:
+    registry = reg.llm_registry_normalize([
+        infinity(cache=True),
+        chat(cache={"endpoints": ["completions", "chat"], "valid": "10m", "shared": True}),
+        vllm(),
+    ], GROUPS)
+    assert reg.llm_gateway_cached_routes(registry) == [
+        {"model": "bge-m3", "upstream": "llm_bge_m3", "endpoint": "embeddings", "path": "/embeddings",
+         "streams": False, "valid": None, "shared": False},
+        {"model": "bge-m3", "upstream": "llm_bge_m3", "endpoint": "rerank", "path": "/rerank",
+         "streams": False, "valid": None, "shared": False},
+        # In the model's endpoint order, whatever order the cache list has.
+        {"model": "chat-small", "upstream": "llm_chat_small", "endpoint": "chat", "path": "/v1/chat/completions",
+         "streams": True, "valid": "10m", "shared": True},
+        {"model": "chat-small", "upstream": "llm_chat_small", "endpoint": "completions", "path": "/v1/completions",
+         "streams": True, "valid": "10m", "shared": True},
+    ]

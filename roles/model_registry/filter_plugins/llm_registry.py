@@ -15,6 +15,7 @@ Filters:
     llm_host_models(normalized, hostname)       -> models to run on one host
     llm_gateway_upstreams(normalized, hostvars) -> nginx upstream blocks
     llm_gateway_routes(normalized)              -> name/alias -> route (for njs)
+    llm_gateway_cached_routes(normalized)       -> the (model, endpoint) pairs the gateway caches
     llm_api_endpoints(ignored)                  -> [{name, path}] the gateway serves
     llm_backend_key_files(normalized, given, credentials_dir)
                                                 -> key files to generate, one per model without a given key
@@ -85,8 +86,20 @@ KNOWN_FIELDS = frozenset(
     {
         "name", "aliases", "engine", "endpoints", "hosts", "port", "api_prefix",
         "command", "source", "runtime", "image", "version", "args", "env", "gpus", "api_key",
+        "cache",
     }
 )
+# A host entry of `hosts` may be a mapping with these fields (weights and backups per model).
+HOST_FIELDS = frozenset({"host", "weight", "backup"})
+WEIGHT_MAX = 100
+# What `cache: true` caches: the endpoints whose answer depends only on model and body.
+DETERMINISTIC_ENDPOINTS = ("embeddings", "rerank", "tokenize", "detokenize")
+# What `cache: {endpoints: [...]}` may name; chat and completions cache their non-streamed
+# answers only (the gateway sends streams past the cache), responses keep server-side state.
+CACHEABLE_ENDPOINTS = (*DETERMINISTIC_ENDPOINTS, "chat", "completions", "score")
+CACHE_FIELDS = frozenset({"endpoints", "valid", "shared"})
+# nginx time: a number and a unit, e.g. 10m, 1h, 7d.
+NGINX_TIME_RE = re.compile(r"^[1-9][0-9]{0,5}(ms|s|m|h|d|w|M|y)$")
 
 REGISTRY = "llm_models"
 API_KEYS = "llm_model_api_keys"
@@ -264,25 +277,104 @@ def _check_bool(value: Any) -> bool:
     return value
 
 
-def _check_hosts(value: Any, groups: Mapping[str, Any]) -> list[str]:
-    """Expand groups like Ansible's host patterns do (a group wins over a host of the same name)."""
+def _host_item(item: Any) -> tuple[str, dict[str, Any]]:
+    """One entry of `hosts`: a host or group name, or {host, weight, backup}."""
+    if isinstance(item, str):
+        return item, {}
+    if not isinstance(item, Mapping):
+        raise _FieldError(f"must contain host or group names or mappings with 'host', got {_describe(item)}")
+    unknown = sorted(set(item) - HOST_FIELDS, key=str)
+    if unknown:
+        raise _FieldError(f"the entry of host {_describe(item.get('host'))}: unknown key '{unknown[0]}' "
+                          f"(known: host, weight, backup)")
+    name = item.get("host")
+    if not isinstance(name, str) or not name:
+        raise _FieldError(f"an entry has no 'host' (a host or group name), got {_describe(name)}")
+    options: dict[str, Any] = {}
+    if "weight" in item:
+        weight = item["weight"]
+        if not _is_int(weight) or not 1 <= weight <= WEIGHT_MAX:
+            raise _FieldError(f"host '{name}': 'weight' must be an integer from 1 to {WEIGHT_MAX}, got {_describe(weight)}")
+        options["weight"] = weight
+    if "backup" in item:
+        if not isinstance(item["backup"], bool):
+            raise _FieldError(f"host '{name}': 'backup' must be true or false, got {_describe(item['backup'])}")
+        options["backup"] = item["backup"]
+    return name, options
+
+
+def _check_hosts(value: Any, groups: Mapping[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Expand groups like Ansible's host patterns do (a group wins over a host of the same name).
+
+    Returns the sorted hosts and each host's server options: weight (default 1) and backup
+    (default false). A host that two entries give options for is an error, not a silent pick.
+    """
     if not isinstance(value, list) or not value:
         raise _FieldError(f"must be a non-empty list of inventory hosts or groups, got {_describe(value)}")
     known_hosts = {host for members in groups.values() for host in members}
     hosts: set[str] = set()
-    for item in value:
-        if not isinstance(item, str):
-            raise _FieldError(f"must contain only host or group names, got {_describe(item)}")
+    options: dict[str, dict[str, Any]] = {}
+    optioned_by: dict[str, str] = {}
+    for raw in value:
+        item, item_options = _host_item(raw)
         if item in groups:
-            members = list(groups[item])
+            members = [str(host) for host in groups[item]]
             if not members:
                 raise _FieldError(f"group '{item}' has no hosts")
-            hosts.update(str(host) for host in members)
         elif item in known_hosts:
-            hosts.add(str(item))
+            members = [str(item)]
         else:
             raise _FieldError(f"'{item}' is neither a host nor a group in the inventory")
-    return sorted(hosts)
+        hosts.update(members)
+        if item_options:
+            for host in members:
+                if host in optioned_by:
+                    raise _FieldError(f"host '{host}' gets a weight or backup from both '{optioned_by[host]}' "
+                                      f"and '{item}'; give it once")
+                optioned_by[host] = item
+                options[host] = item_options
+    servers = {host: {"weight": 1, "backup": False, **options.get(host, {})} for host in sorted(hosts)}
+    if all(server["backup"] for server in servers.values()):
+        raise _FieldError("has only backup hosts; a backup serves only while every primary host is down")
+    return sorted(hosts), servers
+
+
+def _check_cache(value: Any, endpoints: list[str] | None) -> dict[str, Any]:
+    """What the gateway caches for a model: {endpoints, valid, shared}, empty endpoints for none.
+
+    `true` caches the deterministic endpoints the model declares; a mapping names them (and
+    may add chat and completions, whose streamed answers are never cached).
+    """
+    declared = endpoints or []
+    if value is False:
+        return {"endpoints": [], "valid": None, "shared": False}
+    if value is True:
+        chosen = [endpoint for endpoint in declared if endpoint in DETERMINISTIC_ENDPOINTS]
+        if not chosen:
+            raise _FieldError(f"true caches {', '.join(DETERMINISTIC_ENDPOINTS)}, and this model declares none of "
+                              f"them; name its endpoints to cache: cache: {{endpoints: [...]}}")
+        return {"endpoints": chosen, "valid": None, "shared": False}
+    if not isinstance(value, Mapping):
+        raise _FieldError(f"must be true, false or a mapping with endpoints, valid, shared, got {_describe(value)}")
+    unknown = sorted(set(value) - CACHE_FIELDS, key=str)
+    if unknown:
+        raise _FieldError(f"unknown key '{unknown[0]}' (known: {', '.join(sorted(CACHE_FIELDS))})")
+    chosen = value.get("endpoints")
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(e, str) for e in chosen):
+        raise _FieldError("'endpoints' must be a non-empty list of endpoint names, got "
+                          + ("an empty list" if chosen == [] else _describe(chosen)))
+    for endpoint in chosen:
+        if endpoint not in CACHEABLE_ENDPOINTS:
+            raise _FieldError(f"endpoint '{endpoint}' cannot be cached (cacheable: {', '.join(CACHEABLE_ENDPOINTS)})")
+        if endpoint not in declared:
+            raise _FieldError(f"endpoint '{endpoint}' is not one of the model's endpoints ({', '.join(declared)})")
+    valid = value.get("valid")
+    if valid is not None and (not isinstance(valid, str) or not NGINX_TIME_RE.match(valid)):
+        raise _FieldError(f"'valid' must be an nginx time such as 10m, 1h or 7d, got {_describe(valid)}")
+    shared = value.get("shared", False)
+    if not isinstance(shared, bool):
+        raise _FieldError(f"'shared' must be true or false, got {_describe(shared)}")
+    return {"endpoints": [e for e in declared if e in chosen], "valid": valid, "shared": shared}
 
 
 class _Entry:
@@ -336,7 +428,8 @@ def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: li
     model["aliases"] = entry.check("aliases", raw.get("aliases", []), _check_name_list)
     engine = entry.check("engine", raw["engine"], _check_choice, ENGINES) if "engine" in raw else None
     model["engine"] = engine
-    model["hosts"] = entry.check("hosts", raw["hosts"], _check_hosts, groups) if "hosts" in raw else None
+    checked_hosts = entry.check("hosts", raw["hosts"], _check_hosts, groups) if "hosts" in raw else None
+    model["hosts"], model["servers"] = checked_hosts if checked_hosts else (None, None)
     model["port"] = entry.check("port", raw["port"], _check_port) if "port" in raw else None
     model["runtime"] = entry.check("runtime", raw.get("runtime", "systemd"), _check_choice, RUNTIMES)
     model["version"] = entry.check("version", raw["version"], _check_text) if "version" in raw else None
@@ -379,6 +472,11 @@ def _normalize_entry(index: int, raw: Any, groups: Mapping[str, Any], errors: li
     elif engine in ENGINES_NEEDING_SOURCE:
         entry.fail("source", f"is required for engine '{engine}' (Hugging Face repo id or absolute path)")
     model.setdefault("source", None)
+
+    if "endpoints" in model and model["endpoints"] is not None:
+        model["cache"] = entry.check("cache", raw.get("cache", False), _check_cache, model["endpoints"])
+    else:
+        model["cache"] = None
 
     valid_names = model["name"] is not None and model["aliases"] is not None
     model["served_names"] = [model["name"], *model["aliases"]] if valid_names else None
@@ -494,7 +592,7 @@ def llm_registry_normalize(models: Any, groups: Mapping[str, Any]) -> list[dict[
 def _require_normalized(normalized: Any, filter_name: str) -> list[Mapping[str, Any]]:
     """Catch the easy mistake of passing raw llm_models where llm_registry is expected."""
     if not isinstance(normalized, list) or not all(
-        isinstance(m, Mapping) and {"upstream", "served_names", "paths", "api_key"} <= set(m) for m in normalized
+        isinstance(m, Mapping) and {"upstream", "served_names", "paths", "api_key", "servers", "cache"} <= set(m) for m in normalized
     ):
         raise AnsibleFilterError(
             f"{filter_name}: expects the output of llm_registry_normalize (llm_registry), not raw llm_models"
@@ -533,11 +631,18 @@ def _host_address(hostvars: Mapping[str, Any], host: str, model: str) -> str:
 
 
 def llm_gateway_upstreams(normalized: Any, hostvars: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One nginx upstream per model, servers as ADDR:PORT in host order, sorted by upstream name."""
+    """One nginx upstream per model, sorted by upstream name.
+
+    `servers` lists every server as ADDR:PORT in host order; `peers` the same servers with
+    their weight and backup flag, as nginx's `server` lines need them.
+    """
     upstreams = []
     for model in _require_normalized(normalized, "llm_gateway_upstreams"):
-        servers = [f"{_host_address(hostvars, host, model['name'])}:{model['port']}" for host in model["hosts"]]
-        upstreams.append({"name": model["upstream"], "model": model["name"], "servers": servers})
+        peers = [{"address": f"{_host_address(hostvars, host, model['name'])}:{model['port']}",
+                  "weight": model["servers"][host]["weight"], "backup": model["servers"][host]["backup"]}
+                 for host in model["hosts"]]
+        upstreams.append({"name": model["upstream"], "model": model["name"],
+                          "servers": [peer["address"] for peer in peers], "peers": peers})
     return sorted(upstreams, key=lambda upstream: upstream["name"])
 
 
@@ -558,6 +663,22 @@ def llm_gateway_routes(normalized: Any) -> dict[str, dict[str, Any]]:
                 "aliases": list(model["aliases"]),
             }
     return routes
+
+
+def llm_gateway_cached_routes(normalized: Any) -> list[dict[str, Any]]:
+    """The (model, endpoint) pairs a gateway caches, each with its model's location path.
+
+    `path` is where the model's server answers the endpoint (the gateway's location is
+    /_llm/<upstream><path>); `streams` says the endpoint can answer with a stream, which
+    the gateway then sends past the cache.
+    """
+    cached = []
+    for model in _require_normalized(normalized, "llm_gateway_cached_routes"):
+        for endpoint in model["cache"]["endpoints"]:
+            cached.append({"model": model["name"], "upstream": model["upstream"], "endpoint": endpoint,
+                           "path": model["paths"][endpoint], "streams": endpoint in ("chat", "completions"),
+                           "valid": model["cache"]["valid"], "shared": model["cache"]["shared"]})
+    return cached
 
 
 def llm_api_endpoints(_ignored: Any = None) -> list[dict[str, str]]:
@@ -688,6 +809,7 @@ class FilterModule:
             "llm_host_models": llm_host_models,
             "llm_gateway_upstreams": llm_gateway_upstreams,
             "llm_gateway_routes": llm_gateway_routes,
+            "llm_gateway_cached_routes": llm_gateway_cached_routes,
             "llm_api_endpoints": llm_api_endpoints,
             "llm_backend_key_files": llm_backend_key_files,
             "llm_backend_api_keys": llm_backend_api_keys,

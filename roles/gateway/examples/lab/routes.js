@@ -1,6 +1,10 @@
 // Ansible managed (roles/gateway/examples/lab: the lab registry rendered)
 // Generated from the model registry (llm_registry); router.js imports it.
 export default {
+  "cache": {
+    "path": "/var/cache/nginx/llm",
+    "purgePath": "/admin/cache"
+  },
   "endpoints": [
     {
       "name": "chat",
@@ -135,6 +139,13 @@ export default {
     {
       "model": "chat-large",
       "name": "llm_chat_large",
+      "peers": [
+        {
+          "address": "10.89.0.11:8102",
+          "backup": false,
+          "weight": 1
+        }
+      ],
       "servers": [
         "10.89.0.11:8102"
       ]
@@ -142,6 +153,18 @@ export default {
     {
       "model": "chat-small",
       "name": "llm_chat_small",
+      "peers": [
+        {
+          "address": "10.89.0.11:8101",
+          "backup": false,
+          "weight": 1
+        },
+        {
+          "address": "10.89.0.12:8101",
+          "backup": false,
+          "weight": 1
+        }
+      ],
       "servers": [
         "10.89.0.11:8101",
         "10.89.0.12:8101"
@@ -150,6 +173,13 @@ export default {
     {
       "model": "embed-small",
       "name": "llm_embed_small",
+      "peers": [
+        {
+          "address": "10.89.0.12:8103",
+          "backup": false,
+          "weight": 1
+        }
+      ],
       "servers": [
         "10.89.0.12:8103"
       ]
