@@ -90,11 +90,24 @@ def registry(inventory) -> list[dict[str, Any]]:
 
 
 def hosts_of(model: dict[str, Any], inventory: dict[str, Any]) -> list[str]:
-    """The hosts a registry model runs on, groups expanded as the registry does."""
+    """The hosts a registry model runs on, groups expanded as the registry does (an entry is a
+    name, or a mapping with the name under `host` and a weight or backup flag)."""
     hosts: list[str] = []
     for entry in model["hosts"]:
-        hosts += inventory.get(entry, {}).get("hosts", []) or [entry]
+        name = entry if isinstance(entry, str) else entry["host"]
+        hosts += inventory.get(name, {}).get("hosts", []) or [name]
     return sorted(set(hosts))
+
+
+def primary_hosts(model: dict[str, Any], inventory: dict[str, Any]) -> list[str]:
+    """The hosts that serve a model while all is well: its hosts but the backups."""
+    backups = hosts_of({"hosts": [entry for entry in model["hosts"]
+                                  if isinstance(entry, dict) and entry.get("backup")]}, inventory)
+    return [host for host in hosts_of(model, inventory) if host not in backups]
+
+
+# Sent with a request that must reach a backend even if its model caches (registry `cache`).
+PAST_THE_CACHE = {"Cache-Control": "no-store"}
 
 
 def backend_path(model: dict[str, Any], endpoint: str) -> str:
