@@ -37,13 +37,12 @@ ADDRESS = "127.0.0.1"
 BATCH = [f"sentence number {i} of the benchmark, long enough to be a real input" for i in range(16)]
 
 
-def cache_status(url: str, body: bytes, key: str) -> str:
-    """One request through the gateway; its X-Cache-Status (empty without one)."""
+def cache_status(url: str, body: bytes, key: str) -> tuple[str, int]:
+    """One request through the gateway; its X-Cache-Status (empty without one) and answer size."""
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=10) as reply:
-        reply.read()
-        return reply.headers.get("X-Cache-Status") or ""
+        return reply.headers.get("X-Cache-Status") or "", len(reply.read())
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -61,11 +60,12 @@ def measure(args: argparse.Namespace) -> int:
             os.sched_setaffinity(backend.proc.pid, LOAD_CPUS)
         registry = [
             {**model("embed-cached", ["bench-gpu"], port, endpoints=["embeddings"], api_prefix=""), "cache": True},
-            model("embed-direct", ["bench-gpu"], port, endpoints=["embeddings"], api_prefix=""),
+            # The same server under another host name: the registry gives one port of a host one model.
+            model("embed-direct", ["bench-twin"], port, endpoints=["embeddings"], api_prefix=""),
         ]
         key = secrets.token_urlsafe(32)
         gateway_port = free_port()
-        conf = render_gateway(work, registry, {"bench-gpu": ADDRESS}, gateway_http_port=gateway_port,
+        conf = render_gateway(work, registry, {"bench-gpu": ADDRESS, "bench-twin": ADDRESS}, gateway_http_port=gateway_port,
                               gateway_https_port=0, gateway_api_keys_required=True,
                               llm_api_keys=[{"id": "bench", "key": key, "models": "all",
                                              "rate_per_minute": 0, "concurrency": 0}],
@@ -74,18 +74,19 @@ def measure(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{gateway_port}/v1/embeddings"
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT)
-        bodies = {}
+        bodies, answer_size = {}, 0
         for name in ("embed-cached", "embed-direct"):
             bodies[name] = work / f"{name}.json"
             bodies[name].write_bytes(json.dumps({"model": name, "input": BATCH}).encode())
-            statuses = [cache_status(url, bodies[name].read_bytes(), key) for _ in range(2)]
+            replies = [cache_status(url, bodies[name].read_bytes(), key) for _ in range(2)]
+            statuses, answer_size = [status for status, _ in replies], replies[0][1]
             expected = ["MISS", "HIT"] if name == "embed-cached" else ["", ""]
             if statuses != expected:
                 print(f"cannot run: {name} answered with cache status {statuses}, not {expected}", file=sys.stderr)
                 return 1
         print(f"nginx: {NGINX}; {args.rounds} rounds x {args.duration}s, {args.connections} connections; "
               + (f"gateway on CPU {CPUS[0]}, wrk and backend on CPU {CPUS[1]}" if PINNED else "nothing pinned")
-              + f"; answer {len(json.dumps(BATCH))} B of input, 16 embeddings")
+              + f"; request {bodies['embed-cached'].stat().st_size} B ({len(BATCH)} inputs), answer {answer_size} B")
         runs: dict[str, list[Result]] = {name: [] for name in bodies}
         for round_no in range(args.rounds):
             order = list(bodies) if round_no % 2 == 0 else list(reversed(bodies))
