@@ -134,15 +134,18 @@ NEW_KEYS = {"chat-systemd": "NewKeyOfChatSystemd-0123456789abcdef", "minilm": "N
 
 @pytest.fixture(scope="module")
 def rekeyed(registry, lab_host, inventory, tmp_path_factory):
-    """Converge with -v and two keys given in llm_model_api_keys; afterwards, with the generated keys again."""
+    """Converge with -v and two keys given in llm_model_api_keys.
+
+    No converge puts the generated keys back here (it would cost a whole site.yml run): the
+    modules after this one reach the servers through the gateway, which has the new keys, and
+    their own converges (test_infinity_systemd.py, test_removal.py), without
+    llm_model_api_keys, restore the generated ones.
+    """
     workdir = tmp_path_factory.mktemp("rekeyed")
     before = {m["name"]: _started(lab_host, inventory, m) for m in registry}
     result = run_playbook("site.yml", workdir, {"llm_model_api_keys": NEW_KEYS}, "-v")
     assert result.returncode == 0, play_output(result)
-    yield result, before, {m["name"]: _started(lab_host, inventory, m) for m in registry}
-    restored = run_playbook("site.yml", workdir, None, "-v")
-    assert restored.returncode == 0, play_output(restored)
-    _assert_no_key_in(restored.stdout + restored.stderr, registry)
+    return result, before, {m["name"]: _started(lab_host, inventory, m) for m in registry}
 
 
 def _started(lab_host, inventory, model: dict) -> str:
