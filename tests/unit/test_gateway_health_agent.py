@@ -365,7 +365,8 @@ def test_a_restart_resumes_states_from_the_state_file(tmp_path: Path) -> None:
 
 def test_config_errors_are_reported_together_naming_the_upstream(tmp_path: Path) -> None:
     bad = health_agent.config(tmp_path, [
-        {"name": "llm_a", "model": "a", "peers": [{"address": "10.0.0.1"}, {"address": "10.0.0.2:1", "weight": 0}]},
+        {"name": "llm_a", "model": "a", "peers": [{"address": "10.0.0.1"}, {"address": "10.0.0.2:1", "weight": 0}],
+         "servednames": ["a"]},
         {"name": "llm_b", "model": "b", "peers": [{"address": "10.0.0.3:1"}, {"address": "10.0.0.3:1"}],
          "inference": {"path": "v1/chat"}},
         {"name": "llm_a", "model": "c", "peers": []},
@@ -380,6 +381,7 @@ def test_config_errors_are_reported_together_naming_the_upstream(tmp_path: Path)
                  "upstream llm_b: 'inference' must be null or",
                  "upstream llm_a: 'peers' must be a non-empty list",
                  "upstream llm_a: listed twice",
+                 "upstream llm_a: unknown key 'servednames' (did you mean 'served_names'?)",
                  "config: unknown key 'intervall' (did you mean 'interval'?)"):
         assert part in message
 
