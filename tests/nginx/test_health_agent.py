@@ -38,6 +38,7 @@ class Lab:
     config: Path
     port: int
     backends: dict[str, Backend]
+    nginx: subprocess.Popen[bytes]
     agent: subprocess.Popen[bytes]
 
     def include(self) -> str:
@@ -46,6 +47,23 @@ class Lab:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(health_agent.AGENT), args[0], "--config", str(self.config),
                                *args[1:]], capture_output=True, text=True, timeout=60)
+
+    def workers(self) -> set[int]:
+        """nginx's workers that take new connections (not those shutting down after a reload)."""
+        children = Path(f"/proc/{self.nginx.pid}/task/{self.nginx.pid}/children").read_text().split()
+        accepting = set()
+        for pid in children:
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if title.startswith(b"nginx: worker process") and b"shutting down" not in title:
+                accepting.add(int(pid))
+        return accepting
+
+    def reloaded(self, before: set[int]) -> None:
+        """Until only workers started after `before` take requests: `nginx -s reload` returns before that."""
+        wait_until(lambda: bool(now := self.workers()) and not now & before, 5, "nginx's new workers")
 
     def agent_log(self) -> str:
         return (self.root / "agent.log").read_text()
@@ -124,12 +142,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         rendered = subprocess.run([sys.executable, str(health_agent.AGENT), "render", "--config", str(config)],
                                   capture_output=True, text=True, check=True)
         assert json.loads(rendered.stdout) == {"changed": ["llm_chat_small"]}
-        procs.append(start_nginx(conf, port, host=GATEWAY))
+        nginx = start_nginx(conf, port, host=GATEWAY)
+        procs.append(nginx)
         with open(root / "agent.log", "wb") as log:
             agent = subprocess.Popen([sys.executable, str(health_agent.AGENT), "run", "--config", str(config)],
                                      stderr=log)
         procs.append(agent)
-        lab = Lab(root, config, port, backends, agent)
+        lab = Lab(root, config, port, backends, nginx, agent)
         wait_until(lambda: (root / "state.json").exists(), 10, "the agent's first state file")
         yield lab
     finally:
@@ -141,45 +160,56 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 @pytest.fixture(autouse=True)
 def all_healthy(lab: Lab) -> Iterator[None]:
-    """Each test starts and ends with every backend healthy, undrained and back in nginx."""
-    yield
+    """Each test starts with every backend healthy, undrained and in nginx's rotation."""
+    before, was_down = lab.workers(), down(lab)
     for backend in lab.backends.values():
         backend.clear()
     for name in ("a", "b"):
         lab.cli("undrain", "--server", lab.backends[name].address)
     wait_until(lambda: not down(lab), 10, "every server back up")
+    if was_down:
+        lab.reloaded(before)
+    yield
+
+
+def both_primaries(served: dict[str, int]) -> bool:
+    return served["a"] > 0 and served["b"] > 0 and served["backup"] == 0
 
 
 def test_a_hung_server_is_out_within_interval_times_fall_and_back_after_rise(lab: Lab) -> None:
-    assert lab.served_by(10) == {"a": 5, "b": 5, "backup": 0}
+    assert both_primaries(lab.served_by(10))
     reloads = lab.agent_log().count("nginx reloaded")
+    before = lab.workers()
     lab.backends["b"].control("POST", "/_test/behaviour", {"mode": "hang"})
     took = wait_until(lambda: down(lab) == {"b"}, 10, "b written down")
     # fall rounds of interval, each probe bounded by the timeout, plus one round's slack.
     assert took < FALL * (INTERVAL + TIMEOUT) + INTERVAL + TIMEOUT
-    time.sleep(0.3)  # nginx -s reload returns before the new workers take over
+    lab.reloaded(before)
     assert lab.served_by(10) == {"a": 10, "b": 0, "backup": 0}
     state = json.loads((lab.root / "state.json").read_text())
     b = next(s for s in state["upstreams"][0]["servers"] if s["address"] == lab.backends["b"].address)
     assert (b["state"], b["nginx"], b["last_failure"]) == ("down", "down", f"GET /health: timed out after {TIMEOUT} s")
     assert state["upstreams"][0]["live"] == 2
+    before = lab.workers()
     lab.backends["b"].clear()
     wait_until(lambda: not down(lab), RISE * (INTERVAL + TIMEOUT) + 2, "b back up")
-    time.sleep(0.3)
-    assert lab.served_by(10) == {"a": 5, "b": 5, "backup": 0}
+    lab.reloaded(before)
+    assert both_primaries(lab.served_by(10))
     # One reload out, one back in.
     assert lab.agent_log().count("nginx reloaded") == reloads + 2
 
 
 def test_the_backup_takes_over_and_with_nothing_left_nginx_answers_at_once(lab: Lab) -> None:
+    before = lab.workers()
     for name in ("a", "b"):
         lab.backends[name].control("POST", "/_test/behaviour", {"mode": "hang"})
     wait_until(lambda: down(lab) == {"a", "b"}, 10, "a and b written down")
-    time.sleep(0.3)
+    lab.reloaded(before)
     assert lab.served_by(4) == {"a": 0, "b": 0, "backup": 4}
+    before = lab.workers()
     lab.backends["backup"].control("POST", "/_test/behaviour", {"mode": "hang"})
     wait_until(lambda: down(lab) == {"a", "b", "backup"}, 10, "every server written down")
-    time.sleep(0.3)
+    lab.reloaded(before)
     started = time.monotonic()
     reply = lab.chat()
     # "no live upstreams": the gateway's error page turns this 502 into 503 model_unavailable.
@@ -201,7 +231,8 @@ def test_drain_lets_a_stream_finish_and_wait_idle_sees_it_end(lab: Lab) -> None:
     for thread in threads:
         thread.start()
     b = lab.backends["b"]
-    wait_until(lambda: len(b.requests()) == 1, 5, "one stream on b")
+    wait_until(lambda: [r["path"] for r in b.requests()].count("/v1/chat/completions") == 1, 5, "one stream on b")
+    before = lab.workers()
     drained = lab.cli("drain", "--model", "chat-small", "--server", b.address, "--wait", "5")
     assert drained.returncode == 0, drained.stderr
     assert "down;  # drained" in lab.include()
@@ -209,6 +240,7 @@ def test_drain_lets_a_stream_finish_and_wait_idle_sees_it_end(lab: Lab) -> None:
     assert status["connections"] >= 1, status
     assert status["upstreams"][0]["servers"][0]["drained"] is True
     # New requests go elsewhere while the stream on b goes on.
+    lab.reloaded(before)
     assert lab.served_by(4)["b"] == 0
     gave_up = lab.cli("wait-idle", "--server", b.address, "--timeout", "0.5")
     assert gave_up.returncode == 1
