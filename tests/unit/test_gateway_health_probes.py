@@ -8,7 +8,10 @@ nginx's connections is checked against the kernel's own /proc/net/tcp.
 from __future__ import annotations
 
 import getpass
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -191,3 +194,41 @@ def test_connections_are_counted_from_the_kernel_table(backend: Backend) -> None
     while agent_module.connection_counts([backend.address], getpass.getuser())[backend.address] > before:
         assert time.monotonic() < deadline, "closed connections still counted"
         time.sleep(0.05)
+
+
+def test_the_cli_wakes_the_running_agent_and_sigterm_stops_it(backend: Backend, tmp_path: Path) -> None:
+    """A drain is applied at once, not at the next round (60 s away): the CLI's SIGHUP woke the agent."""
+    config, refused = tmp_path / "config.json", f"{HOST}:{free_port(HOST)}"
+    config.write_text(json.dumps(health_agent.config(tmp_path, [
+        {"name": "llm_chat_small", "model": "chat-small", "served_names": ["chat-small", "gpt-4o-mini"],
+         "peers": [{"address": backend.address}, {"address": refused}]}],
+        interval=60, timeout=0.5, nginx_test=["true"], nginx_reload=["true"], nginx_user=None)))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(health_agent.AGENT), args[0], "--config", str(config), *args[1:]],
+                              capture_output=True, text=True, timeout=30)
+
+    agent = subprocess.Popen([sys.executable, str(health_agent.AGENT), "run", "--config", str(config)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "state.json").exists():
+            assert time.monotonic() < deadline, "no state file from the agent"
+            time.sleep(0.05)
+        drained = cli("drain", "--server", backend.address, "--force", "--wait", "3")
+        assert drained.returncode == 0, drained.stderr
+        assert drained.stdout == f"drained {backend.address} for every model\n"
+        assert f"server {backend.address} max_fails=1 fail_timeout=10s down;  # drained\n" in \
+            (tmp_path / "upstreams" / "llm_chat_small.servers.conf").read_text()
+    finally:
+        agent.terminate()
+        _, log = agent.communicate(timeout=10)
+    assert agent.returncode == 0
+    assert log.splitlines() == [
+        "INFO checking 2 servers of 1 upstreams every 60.0 s",
+        f"INFO llm_chat_small {backend.address} (chat-small): unknown -> up",
+        f"INFO llm_chat_small {refused} (chat-small): unknown -> down: connect: refused",
+        "INFO nginx reloaded for llm_chat_small",
+        "INFO nginx reloaded for llm_chat_small",
+    ]
+
