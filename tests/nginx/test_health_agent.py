@@ -1,4 +1,4 @@
-"""The health agent running against this host's nginx and three test backends on 127.0.0.21-24.
+"""The health agent against this host's nginx and three test backends on 127.0.0.21-27.
 
 One upstream (two primaries and a backup, on one port as real GPU hosts have it) whose
 `server` lines are the agent's include; the agent probes, writes and reloads nginx by
@@ -11,6 +11,7 @@ import getpass
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import health_agent
 import pytest
-from gateway_lab import (NGINX, Backend, free_port, nginx_missing, start_backend, start_nginx, stop,
-                         write_nginx_conf)
+import llm_registry
+from gateway_lab import (NGINX, Backend, free_port, model, nginx_missing, nginx_test, render_gateway, start_backend,
+                         start_nginx, stop, write_nginx_conf)
 
 GATEWAY = "127.0.0.23"
 HOSTS = {"a": "127.0.0.21", "b": "127.0.0.22", "backup": "127.0.0.24"}
@@ -114,6 +116,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     conf = write_nginx_conf(root, f"""
     access_log off;
     upstream llm_chat_small {{
+        least_conn;
         include {root}/upstreams/llm_chat_small.servers.conf;
         keepalive 8;
         keepalive_timeout 4s;
@@ -264,3 +267,39 @@ def test_cli_refuses_draining_the_last_server_of_a_model(lab: Lab) -> None:
     assert refused.returncode == 2
     assert "would leave chat-small (llm_chat_small) with no server in rotation" in refused.stderr
 
+
+
+def test_the_includes_are_the_role_s_server_lines_and_pass_its_nginx_check(tmp_path: Path) -> None:
+    """The role's gateway.conf with each upstream's server lines swapped for the agent's include."""
+    reason = nginx_missing()
+    if reason:
+        pytest.skip(reason)
+    hosts = {"gpu-a": "127.0.0.25", "gpu-b": "127.0.0.26", "gpu-c": "127.0.0.27"}
+    models = [model("chat", [{"host": "gpu-a", "weight": 3}, "gpu-b", {"host": "gpu-c", "backup": True}], 8001),
+              model("embed", ["gpu-c"], 8002, endpoints=["embeddings"], api_prefix="")]
+    conf = render_gateway(tmp_path, models, hosts, gateway_http_port=free_port(), gateway_https_port=0)
+    normalized = llm_registry.llm_registry_normalize(models, {"all": sorted(hosts), "llm_gpu_hosts": sorted(hosts)})
+    upstreams = llm_registry.llm_gateway_upstreams(
+        normalized, {host: {"llm_private_address": address} for host, address in hosts.items()})
+    config = AGENT.parse_config(health_agent.config(tmp_path, [
+        {"name": u["name"], "model": u["model"], "peers": u["peers"]} for u in upstreams],
+        include_dir=str(tmp_path / "llm" / "upstreams")))
+    AGENT.render_once(config)
+    gateway_conf = tmp_path / "llm" / "gateway.conf"
+    text = gateway_conf.read_text()
+    for upstream in upstreams:
+        block = re.search(rf"upstream {upstream['name']} {{\n    # model: .*\n(?:    least_conn;\n)?"
+                          r"((?:    server .*;\n)+)", text)
+        assert block, upstream["name"]
+        lines = (tmp_path / "llm" / "upstreams" / f"{upstream['name']}.servers.conf").read_text().splitlines()
+        # Nothing down: the agent writes exactly what the template wrote.
+        assert ["    " + line for line in lines[1:]] == block.group(1).splitlines()
+        text = text.replace(block.group(1), f"    include llm/upstreams/{upstream['name']}.servers.conf;\n")
+    gateway_conf.write_text(text)
+    assert nginx_test(conf).returncode == 0, nginx_test(conf).stderr
+    # Down and drained servers, a backup among them, and a model with none left.
+    AGENT.write_drains(config.drain_file, [AGENT.Drain("127.0.0.25:8001"), AGENT.Drain("127.0.0.27")])
+    assert AGENT.render_once(config) == ["llm_chat", "llm_embed"]
+    assert "backup down;  # drained" in (tmp_path / "llm" / "upstreams" / "llm_chat.servers.conf").read_text()
+    check = nginx_test(conf)
+    assert check.returncode == 0, check.stderr
