@@ -3,6 +3,7 @@
 One upstream (two primaries and a backup, on one port as real GPU hosts have it) whose
 `server` lines are the agent's include; the agent probes, writes and reloads nginx by
 itself, and the CLI drains. Checks are made at the backends that received the requests.
+Last, the role's own gateway.conf with the includes in place of its server lines is checked.
 """
 
 from __future__ import annotations

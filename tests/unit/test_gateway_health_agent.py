@@ -326,6 +326,39 @@ def test_every_server_down_is_written_down(tmp_path: Path) -> None:
     assert (upstream["model"], upstream["live"]) == ("chat-small", 0)
 
 
+def test_a_broken_drain_file_keeps_the_drains_read_before(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    agent, _, _ = make_agent(tmp_path)
+    agent_module.write_drains(tmp_path / "drain.json", [Drain("10.0.0.2:8001")])
+    agent.tick(1000.0, 0.0)
+    (tmp_path / "drain.json").write_text('{"drains": [{"model": "x"}]}')
+    agent.tick(1005.0, 5.0)
+    assert agent_module.down_in(include(tmp_path)) == {"10.0.0.2:8001"}
+    assert "bad entry" in caplog.text and "keeping the drains read before" in caplog.text
+
+
+def test_a_probe_that_raises_counts_as_a_failure(tmp_path: Path) -> None:
+    def broken(_upstream: Any, peer: Any, _timeout: float) -> str | None:
+        if peer.address == "10.0.0.2:8001":
+            raise ValueError("bad answer")
+        return None
+
+    agent = Agent(make_config(tmp_path), probe=broken, runner=FakeNginx())
+    agent.tick(1000.0, 0.0)
+    health = agent.health[("llm_chat_small", "10.0.0.2:8001")]
+    assert (health.state, health.last_failure) == ("down", "probe error: ValueError: bad answer")
+
+
+def test_a_new_configuration_keeps_the_state_of_servers_that_stay(tmp_path: Path) -> None:
+    agent, probes, _ = make_agent(tmp_path)
+    probes.failing["10.0.0.2:8001"] = "connect: refused"
+    agent.tick(1000.0, 0.0)
+    grown = {**CHAT, "peers": [*CHAT["peers"], {"address": "10.0.0.4:8001"}]}
+    agent.set_config(make_config(tmp_path, [grown]))
+    assert agent.health[("llm_chat_small", "10.0.0.2:8001")].state == "down"
+    assert agent.health[("llm_chat_small", "10.0.0.4:8001")].state == "unknown"
+    assert set(agent.health) == {("llm_chat_small", f"10.0.0.{n}:8001") for n in (1, 2, 3, 4)}
+
+
 # ---------------------------------------------------------------- the state file
 
 
