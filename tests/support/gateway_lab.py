@@ -35,6 +35,7 @@ import gateway_api_keys
 import gateway_model_patterns
 import jinja2
 import llm_registry
+import llm_services
 import yaml
 from http_reply import Reply, exchange
 
@@ -218,11 +219,12 @@ def model(name: str, hosts: list[str], port: int, endpoints: Iterable[str] = ("c
 def _filters() -> dict[str, Any]:
     """Every filter of the roles' plugins, plus the few of Ansible's the templates use."""
     filters: dict[str, Any] = {}
-    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys):
+    for plugin in (llm_registry, llm_services, gateway_model_patterns, gateway_api_keys):
         filters.update(plugin.FilterModule().filters())
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
     filters["dirname"] = os.path.dirname
+    filters["regex_escape"] = re.escape
     filters["regex_replace"] = lambda value, pattern, replacement="": re.sub(pattern, replacement, value)
     filters["hash"] = lambda text, algorithm: __import__("hashlib").new(algorithm, text.encode()).hexdigest()
     return filters
@@ -264,10 +266,10 @@ def _template(env: jinja2.Environment, raw: Any, values: dict[str, Any]) -> Any:
 
 
 def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str, str],
-                   **overrides: Any) -> Path:
+                   services: list[dict[str, Any]] | None = None, **overrides: Any) -> Path:
     """Render nginx.conf, gateway.conf, find-model.conf and routes.js as the role does; return nginx.conf.
 
-    `models` is `llm_models`; `addresses` the GPU hosts' llm_private_address. Paths the
+    `models` is `llm_models`, `services` `llm_services`; `addresses` the hosts' llm_private_address. Paths the
     role points at /etc/nginx and /var/log/nginx go under `root` instead.
     """
     conf_dir = root / "llm"
@@ -280,6 +282,7 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
     context: dict[str, Any] = {
         "inventory_hostname": "gw-test",
         "llm_registry": registry,
+        "llm_service_registry": llm_services.llm_services_normalize(services or [], groups, registry),
         "hostvars": hostvars,
         "ansible_managed": "rendered by tests/support/gateway_lab.py",
         "gateway_access_log": str(root / "logs" / "llm-access.log"),
@@ -308,9 +311,10 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
                              ("find-model.conf.j2", conf_dir / "find-model.conf"),
                              ("routes.js.j2", conf_dir / "routes.js"),
                              ("api_keys.js.j2", conf_dir / "api_keys.js"),
-                             ("backend-auth.conf.j2", conf_dir / "backend-auth.conf")):
+                             ("backend-auth.conf.j2", conf_dir / "backend-auth.conf"),
+                             ("services-auth.conf.j2", conf_dir / "services-auth.conf")):
         target.write_text(env.get_template(template).render(values))
-    for script in ("router.js", "auth.js"):
+    for script in ("router.js", "auth.js", "multipart.js"):
         shutil.copy(ROLE / "files" / script, conf_dir / script)
     # The role writes it with community.general.htpasswd (bcrypt); the same hashes here.
     (conf_dir / "admin.htpasswd").write_text("".join(

@@ -67,8 +67,14 @@ API_ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("score", "/v1/score"),
     ("tokenize", "/tokenize"),
     ("detokenize", "/detokenize"),
+    # Multipart uploads (vLLM's Whisper-class models): the model is a form field, not JSON.
+    ("audio_transcriptions", "/v1/audio/transcriptions"),
+    ("audio_translations", "/v1/audio/translations"),
 )
 ENDPOINTS = tuple(name for name, _ in API_ENDPOINTS)
+# The endpoints whose body is multipart/form-data; every other one takes a JSON body.
+MULTIPART_ENDPOINTS = ("audio_transcriptions", "audio_translations")
+JSON_ENDPOINTS = tuple(name for name in ENDPOINTS if name not in MULTIPART_ENDPOINTS)
 GATEWAY_PATHS = dict(API_ENDPOINTS)
 # The part of a gateway path that the model's api_prefix replaces.
 GATEWAY_API_PREFIX = "/v1"
@@ -561,12 +567,15 @@ def llm_gateway_routes(normalized: Any) -> dict[str, dict[str, Any]]:
 
 
 def llm_api_endpoints(_ignored: Any = None) -> list[dict[str, str]]:
-    """The gateway's API as [{name, path}] in table order, for templates: `{{ none | llm_api_endpoints }}`.
+    """The gateway's API as [{name, path, body}] in table order, for templates: `{{ none | llm_api_endpoints }}`.
+
+    `body` is "json" or "multipart": how the gateway finds the model in a request.
 
     A filter needs an input; this one takes any and ignores it, so the table stays here
     rather than being copied into the gateway's variables.
     """
-    return [{"name": name, "path": path} for name, path in API_ENDPOINTS]
+    return [{"name": name, "path": path, "body": "multipart" if name in MULTIPART_ENDPOINTS else "json"}
+            for name, path in API_ENDPOINTS]
 
 
 # --- backend API keys ---------------------------------------------------------------------
