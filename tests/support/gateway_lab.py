@@ -182,13 +182,15 @@ class Backend:
 
 
 def start_backend(models: list[str], host: str = "127.0.0.1", port: int = 0, api_prefix: str = "/v1",
-                  api_key: str | None = None) -> Backend:
+                  api_key: str | None = None, service: str | None = None) -> Backend:
     """A test backend; with port 0 it picks one, read from its start-up line.
 
-    With `api_key` it takes only that key on its API paths, as a model server of the role does.
+    With `api_key` it takes only that key on its API paths, as a model server of the role does;
+    with `service` it stands in for Qdrant or Immich ML instead of the OpenAI API.
     """
     command = [sys.executable, str(BACKEND), "--host", host, "--port", str(port),
-               "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2"]
+               "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2",
+               *(["--service", service] if service else [])]
     env = dict(os.environ)
     if api_key is not None:
         command += ["--api-key-env", "LLM_API_KEY"]
