@@ -4,11 +4,13 @@
  * 20 MB image part is skipped, never turned into a JavaScript string. Only the
  * part's headers and the value asked for become strings.
  *
- * The rule: the parts are read in order from the first delimiter line; of
- * several parts of the same name the last one counts (as in the backends'
- * form parsers, FastAPI's included). A body that ends before its closing
- * delimiter, a part without a blank line after its headers, or a wanted part
- * larger than `limit` bytes is an error, never a guess.
+ * The rule: the parts are read in order from the first delimiter line, and
+ * the first part of the name asked for counts; what follows it is not read
+ * (clients send their fields before their files, so an upload is never
+ * searched). A body that ends before the part's end, a part without a blank
+ * line after its headers, or a wanted part larger than `limit` bytes is an
+ * error, never a guess. Why the first and not the last (which FastAPI's form
+ * parser takes): roles/gateway/README.md, "Multipart bodies".
  *
  * Runs on njs 0.7.9 (Debian 12) and 0.8 alike: Buffer, indexOf, slice, toString.
  * Unit-tested through a real nginx (tests/nginx/test_multipart.py).
@@ -52,14 +54,22 @@ function boundary(contentType) {
  * A "--boundary" not at a line's start, or followed by other text, is content.
  */
 function nextDelimiter(body, delim, from, to) {
-    var k = body.indexOf(delim, from), after;
-    while (k !== -1 && k + delim.length <= to) {
-        after = body[k + delim.length];
-        if (k > from && body[k - 1] === LF && (after === DASH || after === CR || after === LF ||
-                                                   after === SPACE || after === TAB || after === undefined)) {
-            return {end: k >= 2 && body[k - 2] === CR ? k - 2 : k - 1, at: k};
+    // Line ends, found by byte (njs searches one byte about twice as fast as a string),
+    // each checked for the delimiter after it.
+    var n = delim.length, k = body.indexOf(LF, from), at, after, i;
+    while (k !== -1 && k + 1 + n <= to) {
+        at = k + 1;
+        if (body[at] === DASH && body[at + 1] === DASH) {
+            for (i = 2; i < n && body[at + i] === delim[i]; i++) {
+                // compare
+            }
+            after = body[at + n];
+            if (i === n && (after === DASH || after === CR || after === LF || after === SPACE || after === TAB ||
+                            after === undefined)) {
+                return {end: k > from && body[k - 1] === CR ? k - 1 : k, at: at};
+            }
         }
-        k = body.indexOf(delim, k + 1);
+        k = body.indexOf(LF, at);
     }
     return null;
 }
@@ -120,13 +130,13 @@ function partHeaders(body, j) {
 }
 
 /*
- * The value of the last part named `name`, as a Buffer, or null when no part has
+ * The value of the first part named `name`, as a Buffer, or null when no part has
  * that name. Throws MultipartError: code "invalid_body" for a body that is not
  * multipart as its boundary says, "part_too_large" for a part of that name larger
  * than `limit` bytes.
  */
 function findPart(body, boundaryText, name, limit) {
-    var delim = Buffer.from('--' + boundaryText), i, j, part, next, found = null;
+    var delim = Buffer.from('--' + boundaryText), i, j, part, next;
     if (body.length >= delim.length && body.slice(0, delim.length).equals(delim)) {
         i = 0;
     } else {
@@ -140,7 +150,7 @@ function findPart(body, boundaryText, name, limit) {
     for (;;) {
         j = afterDelimiter(body, i, delim.length);
         if (j === -1) {
-            return found;
+            return null;
         }
         part = partHeaders(body, j);
         if (part.name === name) {
@@ -154,7 +164,7 @@ function findPart(body, boundaryText, name, limit) {
             if (next.end - part.start > limit) {
                 throw new MultipartError('part_too_large', 'the "' + name + '" part is larger than ' + limit + ' bytes');
             }
-            found = body.slice(part.start, next.end);
+            return body.slice(part.start, next.end);
         } else {
             next = nextDelimiter(body, delim, part.start, body.length);
             if (next === null) {
