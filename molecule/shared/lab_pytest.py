@@ -33,6 +33,16 @@ GATEWAY_PATHS = {
     "tokenize": "/tokenize",
     "detokenize": "/detokenize",
 }
+# The endpoints whose body is a multipart form (audio); the JSON tests leave them out.
+MULTIPART_PATHS = {
+    "audio_transcriptions": "/v1/audio/transcriptions",
+    "audio_translations": "/v1/audio/translations",
+}
+
+
+def json_endpoints(model: dict[str, Any]) -> list[str]:
+    """A registry model's endpoints that take a JSON body, in the registry's order."""
+    return [endpoint for endpoint in model.get("endpoints", ["chat", "completions"]) if endpoint in GATEWAY_PATHS]
 
 
 def _dump_journal(host: testinfra.host.Host, unit: str) -> str:
@@ -100,7 +110,7 @@ def hosts_of(model: dict[str, Any], inventory: dict[str, Any]) -> list[str]:
 def backend_path(model: dict[str, Any], endpoint: str) -> str:
     """Where a model's server answers an endpoint: its api_prefix replaces /v1 (Infinity-style
     servers have none), and the paths outside /v1 (vLLM's /tokenize, /detokenize) stay at the root."""
-    path = GATEWAY_PATHS[endpoint]
+    path = {**GATEWAY_PATHS, **MULTIPART_PATHS}[endpoint]
     if path.startswith("/v1/"):
         return model.get("api_prefix", "/v1") + path[len("/v1"):]
     return path
