@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -192,6 +193,21 @@ def assert_openai_error(response: requests.Response, status: int, code: str | No
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+CONNECT_TIMEOUT = 3
+# Exits 0 when a TCP connection opens within the timeout, 1 (with the reason) when it does not.
+CONNECT = ("import socket, sys\n"
+           "try:\n"
+           f"    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout={CONNECT_TIMEOUT}).close()\n"
+           "except OSError as error:\n"
+           "    sys.exit(f'{type(error).__name__}: {error}')\n")
+
+
+def connects(client: testinfra.host.Host, address: str, port: int) -> bool:
+    """Whether `client` (a lab host) can open a TCP connection to address:port, within CONNECT_TIMEOUT."""
+    result = client.run(f"python3 -c {shlex.quote(CONNECT)} {address} {port}")
+    return result.rc == 0
 
 
 def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any],

@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from lab_pytest import api_key, assert_openai_error, bearer, credential, landed, wait_until
+from lab_pytest import api_key, assert_openai_error, bearer, connects, credential, landed, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -85,6 +85,18 @@ def form(boundary: str, parts: list[tuple[str, bytes, str | None]]) -> bytes:
 def predict(gateway_url: str, body: bytes, boundary: str) -> requests.Response:
     return requests.post(f"{gateway_url}/immich-ml/predict", data=body, timeout=60,
                          headers={**bearer(), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+# ---------------------------------------------------------------- firewall
+
+
+def test_the_gateway_reaches_the_service_ports_and_other_hosts_do_not(lab_host, address_of):
+    for name, (server, port) in SERVERS.items():
+        assert connects(lab_host("mol-gw"), address_of(server), port), f"mol-gw -> {server}:{port} ({name})"
+    # The other GPU host is no gateway: the services' firewall entry keeps it out.
+    assert connects(lab_host("mol-gw"), address_of("mol-gpu1"), 6333)
+    assert not connects(lab_host("mol-gpu2"), address_of("mol-gpu1"), 6333)
+    assert not connects(lab_host("mol-gpu1"), address_of("mol-gpu2"), 3005)
 
 
 # ---------------------------------------------------------------- Qdrant
