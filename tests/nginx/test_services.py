@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from gateway_lab import (Gateway, assert_error, free_port, model, nginx_missing, render_gateway, start_backend,
-                         start_nginx)
+from gateway_lab import (Gateway, assert_error, basic_auth, free_port, model, nginx_missing, render_gateway,
+                         start_backend, start_nginx)
 
 HOSTS = {"gpu-a": "127.0.0.2", "gpu-b": "127.0.0.3", "svc-a": "127.0.0.6", "svc-b": "127.0.0.7",
          "svc-c": "127.0.0.8", "svc-dead": "127.0.0.9"}
+ADMIN = ("ops", "ops-password-for-services")
 QDRANT_KEY = "qdrant-secret-" + secrets.token_hex(8)
 KEYS = {"everything": "k-every-" + secrets.token_hex(16), "chat-only": "k-chat-" + secrets.token_hex(16)}
 # Immich ML's task groups: each on its own server here, to see where each request lands.
@@ -45,13 +46,15 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     if reason:
         pytest.skip(reason)
     ports = {"chat-small": free_port(HOSTS["gpu-a"]), "whisper": free_port(HOSTS["gpu-b"]),
-             "qdrant": free_port(HOSTS["svc-a"]), "default": free_port(HOSTS["svc-a"])}
+             "qdrant": free_port(HOSTS["svc-a"]), "default": free_port(HOSTS["svc-a"]),
+             "unstripped": free_port(HOSTS["svc-b"])}
     ports.update({task: free_port(HOSTS[TASK_HOSTS[task]]) for task in TASKS})
     backends = {
         "chat-small": start_backend(["chat-small"], HOSTS["gpu-a"], ports["chat-small"]),
         "whisper": start_backend(["whisper-large", "whisper-1"], HOSTS["gpu-b"], ports["whisper"]),
         "qdrant": start_backend(["qdrant"], HOSTS["svc-a"], ports["qdrant"], service="qdrant"),
         "default": start_backend(["immich"], HOSTS["svc-a"], ports["default"], service="immich-ml"),
+        "unstripped": start_backend(["unstripped"], HOSTS["svc-b"], ports["unstripped"], service="qdrant"),
         **{task: start_backend(["immich"], HOSTS[TASK_HOSTS[task]], ports[task], service="immich-ml")
            for task in TASKS},
     }
@@ -65,6 +68,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
          "port": ports["default"],
          "tasks": {task: {"hosts": [TASK_HOSTS[task]], "port": ports[task]} for task in TASKS}},
         {"name": "dead", "kind": "http", "prefix": "/dead", "hosts": ["svc-dead"], "port": free_port(HOSTS["svc-dead"])},
+        {"name": "unstripped", "kind": "http", "prefix": "/tools/search", "hosts": ["svc-b"],
+         "port": ports["unstripped"], "strip_prefix": False, "health_path": "/healthz", "read_timeout": "2s"},
     ]
     root = tmp_path_factory.mktemp("services-gateway")
     http_port, https_port = free_port(), free_port()
@@ -72,7 +77,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                           gateway_https_port=https_port, gateway_api_keys_required=True,
                           llm_api_keys=[{"id": "everything", "key": KEYS["everything"], "models": "all"},
                                         {"id": "chat-only", "key": KEYS["chat-only"], "models": ["chat-small"]}],
-                          gateway_address_rate_per_minute=0, gateway_address_concurrency=0)
+                          gateway_address_rate_per_minute=0, gateway_address_concurrency=0,
+                          gateway_admin_users=[{"name": ADMIN[0], "password": ADMIN[1]}])
     gateway = Gateway(root, http_port, https_port, backends)
     try:
         gateway.procs.append(start_nginx(conf, http_port))
@@ -137,6 +143,28 @@ def test_qdrant_paths_reach_the_service_stripped_with_its_key(gw: Gateway, metho
     assert "authorization" not in seen["headers"]
     assert seen["headers"]["x-custom"] == ["kept"]
     assert json.loads(reply.body)["status"] == "ok"
+
+
+def test_a_service_may_keep_its_prefix_and_have_its_own_timeout(gw: Gateway) -> None:
+    reply = gw.request("POST", "/tools/search/q?x=%2F", raw=b'{"q": 1}', headers=auth())
+    assert reply.status == 200, reply.body[:300]
+    seen = only(gw, "unstripped")
+    assert (seen["path"], seen["query"]) == ("/tools/search/q", "x=%2F")
+    assert "api-key" not in seen["headers"] and "authorization" not in seen["headers"]
+    gw.backends["unstripped"].control("POST", "/_test/behaviour", {"mode": "slow", "delay": 3})
+    assert_error(gw.request("GET", "/tools/search/slow", headers=auth()), 504, "upstream_timeout")
+
+
+def test_ready_probes_every_service_server(gw: Gateway) -> None:
+    reply = gw.request("GET", "/ready", headers={"Authorization": basic_auth(*ADMIN)})
+    assert reply.status == 503  # the service "dead" has no live server
+    upstreams = {u.get("service") or u.get("model"): u for u in json.loads(reply.body)["upstreams"]}
+    assert upstreams["dead"]["live"] == 0
+    assert upstreams["qdrant"]["live"] == 1
+    assert {u["upstream"] for u in json.loads(reply.body)["upstreams"] if u.get("service") == "immich-ml"} == {
+        "llm_svc_immich_ml", *(f"llm_svc_immich_ml_{task}" for task in TASKS)}
+    probes = [r for r in gw.served()["unstripped"] if r["path"] == "/healthz"]
+    assert len(probes) == 1
 
 
 def test_a_services_status_and_error_body_pass_through(gw: Gateway) -> None:
@@ -257,6 +285,9 @@ def test_a_transcription_goes_to_its_models_server_byte_for_byte(gw: Gateway, na
     seen = only(gw, "whisper")
     assert seen["path"] == "/v1/audio/transcriptions"
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    entry = gw.logged({seen["request_id"]})[seen["request_id"]]
+    assert (entry["model"], entry["model_requested"], entry["router"], entry["path"]) == (
+        "whisper-large", name, "njs", "/v1/audio/transcriptions")
     assert "authorization" not in seen["headers"]
 
 
