@@ -150,3 +150,17 @@ def test_filters_are_exported() -> None:
     assert set(svc.FilterModule().filters()) == {"llm_services_normalize", "llm_gateway_services",
                                                   "llm_service_host_ports", "llm_service_router_data",
                                                   "llm_service_header_var"}
+
+
+def test_key_ids_of_api_keys_must_exist_when_keys_are_checked() -> None:
+    services = normalize(qdrant(api_keys=["team-serch"]))
+    with pytest.raises(AnsibleFilterError, match=r"service 'qdrant': field 'api_keys': 'team-serch' is no id of "
+                                                 r"llm_api_keys \(did you mean 'team-search'\?\)"):
+        svc.llm_gateway_services(services, HOSTVARS, ["team-search", "ops"])
+    assert svc.llm_gateway_services(services, HOSTVARS)[0]["api_keys"] == ["team-serch"]  # keys off: not checked
+    assert svc.llm_gateway_services(normalize(qdrant()), HOSTVARS, [])[0]["api_keys"] is None
+
+
+def test_names_that_differ_only_in_dash_and_underscore_clash() -> None:
+    with pytest.raises(AnsibleFilterError, match=r"service 'immich_ml': field 'name': 'immich_ml' is used by another"):
+        normalize(immich(), immich(name="immich_ml", prefix="/other", port=4000, tasks={}))

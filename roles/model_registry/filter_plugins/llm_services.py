@@ -272,9 +272,11 @@ def _check_conflicts(services: list[dict[str, Any]], models: list[Any], errors: 
         if not name:
             continue
         label = f"{SERVICES}: service '{name}'"
-        if name in names:
-            errors.append(f"{label}: field 'name': '{name}' is used by another service")
-        names.add(name)
+        # Upstream names spell '-' as '_': "immich-ml" and "immich_ml" would share one.
+        if _upstream_base(name) in names:
+            errors.append(f"{label}: field 'name': '{name}' is used by another service "
+                          f"('-' and '_' count as the same)")
+        names.add(_upstream_base(name))
         prefix = service.get("prefix")
         for other, owner in prefixes.items():
             if prefix and (prefix == other or prefix.startswith(other + "/") or other.startswith(prefix + "/")):
@@ -327,15 +329,32 @@ def _upstream_base(name: str) -> str:
     return "llm_svc_" + name.replace("-", "_")
 
 
-def llm_gateway_services(normalized: Any, hostvars: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _check_key_ids(normalized: list[dict[str, Any]], key_ids: list[str]) -> None:
+    """A misspelt key id in api_keys would silently shut its key out: refuse it, with the near miss."""
+    errors = []
+    for service in normalized:
+        for key_id in service["api_keys"] or []:
+            if key_id not in key_ids:
+                close = difflib.get_close_matches(key_id, key_ids, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"ids: {', '.join(key_ids) or 'none'}"
+                errors.append(f"{SERVICES}: service '{service['name']}': field 'api_keys': '{key_id}' is no id "
+                              f"of llm_api_keys ({hint})")
+    if errors:
+        raise AnsibleFilterError("\n".join(errors))
+
+
+def llm_gateway_services(normalized: Any, hostvars: Mapping[str, Any], key_ids: Any = None) -> list[dict[str, Any]]:
     """What the gateway renders per service: its upstreams (tasks that share servers share one) and routes.
 
     Each service: name, kind, prefix, strip_prefix, header_names, client_max_body_size, the
     timeouts, api_keys, upstream (the default servers) and, for immich_ml, tasks: {task: upstream}
-    for every task of IMMICH_TASKS. Upstreams: [{name, servers, health}].
+    for every task of IMMICH_TASKS. Upstreams: [{name, servers, health}]. With `key_ids` (the ids
+    of llm_api_keys, when keys are checked) every id in api_keys must be one of them.
     """
     if not isinstance(normalized, list):
         raise AnsibleFilterError("llm_gateway_services: expects the output of llm_services_normalize")
+    if key_ids is not None:
+        _check_key_ids(normalized, [str(key_id) for key_id in key_ids])
     result = []
     for service in normalized:
         base = _upstream_base(service["name"])
