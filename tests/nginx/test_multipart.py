@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from gateway_lab import NJS_MODULE, ROLE, free_port, nginx_missing, start_nginx, stop, write_nginx_conf
 
 PROBE = Path(__file__).resolve().parent / "njs" / "multipart_probe.js"
@@ -183,3 +185,32 @@ def test_bodies_that_are_not_multipart_as_announced(reader: int, body: bytes) ->
     found = parse(reader, body, "multipart/form-data; boundary=b", "model")
     assert found.get("error") == "invalid_body" or found.get("found") is False, found
     assert "value" not in found
+
+
+BOUNDARY_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=?"
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(boundary=st.text(BOUNDARY_CHARS, min_size=1, max_size=70),
+       before=st.lists(st.tuples(st.sampled_from(["file", "text", "model2", "Model"]),
+                                 st.binary(max_size=300)), max_size=3),
+       value=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r\n"), max_size=80),
+       after=st.lists(st.binary(max_size=300), max_size=2),
+       eol=st.sampled_from([b"\r\n", b"\n"]))
+def test_generated_forms_give_the_first_model_part(reader: int, boundary: str, before: list[tuple[str, bytes]],
+                                                   value: str, after: list[bytes], eol: bytes) -> None:
+    """Whatever the boundary, the line ends and the bytes around it, the first "model" part is found."""
+    delim = b"--" + boundary.encode()
+    def without_delimiter(data: bytes) -> bytes:
+        # Content never holds the delimiter (a sender picks a boundary that is not in its parts).
+        while delim in data:
+            data = data.replace(delim, b"")
+        return data
+
+    parts = [(name, without_delimiter(data)) for name, data in before]
+    parts.append(("model", value.encode()))
+    parts += [("model", without_delimiter(data)) for data in after]
+    body = form(boundary, parts, eol)
+    found = parse(reader, body, f'multipart/form-data; boundary="{boundary}"', "model")
+    assert (found["boundary"], found.get("value")) == (boundary, value), found
