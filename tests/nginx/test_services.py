@@ -152,7 +152,8 @@ def test_a_service_may_keep_its_prefix_and_have_its_own_timeout(gw: Gateway) -> 
     assert (seen["path"], seen["query"]) == ("/tools/search/q", "x=%2F")
     assert "api-key" not in seen["headers"] and "authorization" not in seen["headers"]
     gw.backends["unstripped"].control("POST", "/_test/behaviour", {"mode": "slow", "delay": 3})
-    assert_error(gw.request("GET", "/tools/search/slow", headers=auth()), 504, "upstream_timeout")
+    error = assert_error(gw.request("GET", "/tools/search/slow", headers=auth()), 504, "upstream_timeout")
+    assert "service 'unstripped'" in error["message"]
 
 
 def test_ready_probes_every_service_server(gw: Gateway) -> None:

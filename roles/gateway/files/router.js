@@ -695,6 +695,8 @@ function nginxError(r) {
     if (status === 413) {
         message = 'The request body is larger than the gateway accepts (' +
             (r.variables.llm_body_limit || registry.maxBodySize) + ').';
+    } else if (status === 504 && r.variables.llm_service) {
+        message = 'The server of service \'' + r.variables.llm_service + '\' did not answer in time.';
     } else if (status === 502 || status === 503) {
         status = 503;
         r.headersOut['Retry-After'] = String(registry.retryAfter);
