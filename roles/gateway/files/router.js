@@ -474,11 +474,25 @@ function toModel(r, name, endpoint, apiPath) {
 
 /* One form field's text: {value} (undefined when absent), or null after answering the error. */
 function formField(r, name) {
-    var bound = multipart.boundary(r.headersIn['Content-Type']), body, part;
+    var bound = multipart.boundary(r.headersIn['Content-Type']), head, body, part;
     if (bound === null) {
-        invalid(r, 400, r.uri + ' takes a multipart/form-data body (with its boundary in the Content-Type).',
+        invalid(r, 400, 'This path takes a multipart/form-data body (with its boundary in the Content-Type).',
                 null, 'invalid_body');
         return null;
+    }
+    // The form's first part, as nginx captured it (gateway.conf): when the field is
+    // there, the whole body need not be copied into njs. It is a prefix of the body,
+    // so the reader finds there exactly what it would find in the body, or nothing.
+    head = r.rawVariables.llm_form_head;
+    if (head && head.length) {
+        try {
+            part = multipart.findPart(head, bound, name, FIELD_MAX);
+        } catch (e) {
+            part = null;
+        }
+        if (part !== null) {
+            return {value: part.toString('utf8')};
+        }
     }
     try {
         body = r.requestBuffer;
@@ -501,7 +515,7 @@ function formField(r, name) {
 
 /* POST /v1/audio/transcriptions and /translations: by the form's "model" field. */
 function audio(r) {
-    var endpoint = ENDPOINT_BY_PATH[r.uri], field;
+    var apiPath = r.variables.llm_api_path, endpoint = ENDPOINT_BY_PATH[apiPath], field;
     r.variables.llm_router = 'njs';
     r.variables.llm_name = '';
     if (r.method !== 'POST') {
@@ -515,7 +529,7 @@ function audio(r) {
         return invalid(r, 400, 'The form has no "model" field; name one of GET /v1/models.', 'model',
                        'missing_model');
     }
-    toModel(r, field.value, endpoint, r.uri);
+    toModel(r, field.value, endpoint, apiPath);
 }
 
 // Immich ML's "entries" keys -> the gateway's task names (llm_services.IMMICH_TASKS).
