@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -329,3 +330,11 @@ def test_the_openai_client_transcribes_through_the_gateway(gw: Gateway, tmp_path
     seen = only(gw, "whisper")
     assert [part["sha256"] for part in seen["parts"] if part["name"] == "file"] == [
         hashlib.sha256(audio.read_bytes()).hexdigest()]
+
+
+def test_no_pattern_failed_on_any_upload(gw: Gateway) -> None:
+    """The capture of a form's first part ran on every upload above, up to 25 MB: PCRE never gave up."""
+    body = form("b", [("image", os.urandom(20 * 1024 * 1024), "a.jpg"),
+                      ("entries", json.dumps(ENTRIES["clip_visual"]).encode(), None)])
+    assert post_form(gw, "/immich-ml/predict", body, "b").status == 200
+    assert not re.search(r"pcre|regex", gw.error_log(), re.I)

@@ -35,7 +35,6 @@ import gateway_api_keys
 import gateway_model_patterns
 import jinja2
 import llm_registry
-import llm_services
 import yaml
 from http_reply import Reply, exchange
 
@@ -221,7 +220,7 @@ def model(name: str, hosts: list[str], port: int, endpoints: Iterable[str] = ("c
 def _filters() -> dict[str, Any]:
     """Every filter of the roles' plugins, plus the few of Ansible's the templates use."""
     filters: dict[str, Any] = {}
-    for plugin in (llm_registry, llm_services, gateway_model_patterns, gateway_api_keys):
+    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys):
         filters.update(plugin.FilterModule().filters())
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
@@ -284,7 +283,7 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
     context: dict[str, Any] = {
         "inventory_hostname": "gw-test",
         "llm_registry": registry,
-        "llm_service_registry": llm_services.llm_services_normalize(services or [], groups, registry),
+        "llm_service_registry": llm_registry.llm_services_normalize(services or [], groups, registry),
         "hostvars": hostvars,
         "ansible_managed": "rendered by tests/support/gateway_lab.py",
         "gateway_access_log": str(root / "logs" / "llm-access.log"),

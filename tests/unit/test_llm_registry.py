@@ -560,6 +560,8 @@ def test_filter_module_exposes_all_filters() -> None:
     assert set(reg.FilterModule().filters()) == {
         "llm_registry_normalize", "llm_host_models", "llm_gateway_upstreams", "llm_gateway_routes",
         "llm_api_endpoints", "llm_backend_key_files", "llm_backend_api_keys", "llm_backend_key_errors",
+        "llm_services_normalize", "llm_gateway_services", "llm_service_host_ports", "llm_service_router_data",
+        "llm_service_header_var",
     }
 
 

@@ -1,10 +1,10 @@
-"""Tests of the services filters (roles/model_registry/filter_plugins/llm_services.py)."""
+"""Tests of the filters over llm_services, the services beside the models (roles/model_registry/filter_plugins/llm_registry.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import llm_services as svc
+import llm_registry as svc
 import pytest
 from ansible.errors import AnsibleFilterError
 
@@ -147,9 +147,8 @@ def test_header_variables_are_nginx_names() -> None:
 
 
 def test_filters_are_exported() -> None:
-    assert set(svc.FilterModule().filters()) == {"llm_services_normalize", "llm_gateway_services",
-                                                  "llm_service_host_ports", "llm_service_router_data",
-                                                  "llm_service_header_var"}
+    assert {"llm_services_normalize", "llm_gateway_services", "llm_service_host_ports", "llm_service_router_data",
+            "llm_service_header_var"} <= set(svc.FilterModule().filters())
 
 
 def test_key_ids_of_api_keys_must_exist_when_keys_are_checked() -> None:
