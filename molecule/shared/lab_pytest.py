@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -33,6 +34,16 @@ GATEWAY_PATHS = {
     "tokenize": "/tokenize",
     "detokenize": "/detokenize",
 }
+# The endpoints whose body is a multipart form (audio); the JSON tests leave them out.
+MULTIPART_PATHS = {
+    "audio_transcriptions": "/v1/audio/transcriptions",
+    "audio_translations": "/v1/audio/translations",
+}
+
+
+def json_endpoints(model: dict[str, Any]) -> list[str]:
+    """A registry model's endpoints that take a JSON body, in the registry's order."""
+    return [endpoint for endpoint in model.get("endpoints", ["chat", "completions"]) if endpoint in GATEWAY_PATHS]
 
 
 def _dump_journal(host: testinfra.host.Host, unit: str) -> str:
@@ -113,7 +124,7 @@ PAST_THE_CACHE = {"Cache-Control": "no-store"}
 def backend_path(model: dict[str, Any], endpoint: str) -> str:
     """Where a model's server answers an endpoint: its api_prefix replaces /v1 (Infinity-style
     servers have none), and the paths outside /v1 (vLLM's /tokenize, /detokenize) stay at the root."""
-    path = GATEWAY_PATHS[endpoint]
+    path = {**GATEWAY_PATHS, **MULTIPART_PATHS}[endpoint]
     if path.startswith("/v1/"):
         return model.get("api_prefix", "/v1") + path[len("/v1"):]
     return path
@@ -195,6 +206,21 @@ def assert_openai_error(response: requests.Response, status: int, code: str | No
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+CONNECT_TIMEOUT = 3
+# Exits 0 when a TCP connection opens within the timeout, 1 (with the reason) when it does not.
+CONNECT = ("import socket, sys\n"
+           "try:\n"
+           f"    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout={CONNECT_TIMEOUT}).close()\n"
+           "except OSError as error:\n"
+           "    sys.exit(f'{type(error).__name__}: {error}')\n")
+
+
+def connects(client: testinfra.host.Host, address: str, port: int) -> bool:
+    """Whether `client` (a lab host) can open a TCP connection to address:port, within CONNECT_TIMEOUT."""
+    result = client.run(f"python3 -c {shlex.quote(CONNECT)} {address} {port}")
+    return result.rc == 0
 
 
 def assigned_models(host: testinfra.host.Host, inventory: dict[str, Any],

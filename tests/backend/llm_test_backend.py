@@ -14,7 +14,13 @@ those without /v1). It adds what tests need from a backend:
   - with --api-key-env NAME (and NAME set), the API paths under the prefix need
     `Authorization: Bearer $NAME`, as vLLM's --api-key guards /v1 (see `needs_key`);
     the key is read from the environment so it never shows in `ps` or a unit;
-  - faults on demand (POST /_test/behaviour: fail, hang, slow) for retry/timeout tests.
+  - faults on demand (POST /_test/behaviour: fail, hang, slow) for retry/timeout tests;
+  - multipart bodies are recorded part by part (name, filename, length, sha256), and
+    vLLM's /v1/audio/transcriptions and /translations answer {"text"} by the form's model;
+  - with --service qdrant or immich-ml it stands in for the services the gateway puts
+    beside the models: Qdrant-like JSON ({"result", "status", "time"}) on any path and
+    method, /healthz; Immich ML's /ping, / and POST /predict, which answers by its
+    "entries" part (FastAPI's 422 without one). Every record keeps the query string.
 
 Standard library only, one file, Python 3.11+, so it can be copied onto any lab host.
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import hashlib
 import json
 import hmac
@@ -51,6 +58,7 @@ MAX_RECORDS = 10_000  # enough for any test; bounded so a soak test cannot exhau
 MAX_BODY = 64 * 1024 * 1024
 HANG_LIMIT = 600.0
 MODES = ("ok", "fail", "hang", "slow")
+SERVICES = ("qdrant", "immich-ml")
 MAX_MODEL_LEN = 4096  # what /tokenize reports; nothing here enforces a context length
 CHAT_LIMITS = ("max_completion_tokens", "max_tokens")  # the newer name wins, as in vLLM
 RESPONSES_LIMITS = ("max_output_tokens",)
@@ -154,6 +162,8 @@ class Config:
     hostname: str = field(default_factory=socket.gethostname)
     # The Bearer key the API paths need; None serves them open (no --api-key-env, or its variable unset).
     api_key: str | None = None
+    # None: the OpenAI API; else the service it stands in for (SERVICES).
+    service: str | None = None
 
 
 # --- response bodies, as pure functions of the request ------------------------------------
@@ -445,6 +455,96 @@ def completion_chunks(body: dict[str, Any], model: str, config: Config) -> list[
     return pieces
 
 
+@dataclass
+class Part:
+    """One part of a multipart/form-data body."""
+
+    name: str | None
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+    def summary(self) -> dict[str, Any]:
+        """What a record keeps of it: enough to prove the upload arrived byte for byte."""
+        return {"name": self.name, "filename": self.filename, "content_type": self.content_type,
+                "length": len(self.data), "sha256": hashlib.sha256(self.data).hexdigest()}
+
+
+def multipart_boundary(content_type: str) -> str | None:
+    """The boundary parameter of a multipart/form-data Content-Type, quoted or not."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            value = value.strip()
+            return value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
+    return None
+
+
+def _disposition(value: str) -> dict[str, str]:
+    params = {}
+    for item in value.split(";")[1:]:
+        key, _, raw = item.strip().partition("=")
+        raw = raw.strip()
+        params[key.strip().lower()] = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] == '"' else raw
+    return params
+
+
+def parse_multipart(body: bytes, boundary: str) -> list[Part]:
+    """The parts between the delimiter lines, as a form parser splits them; a body without its closing one is refused."""
+    delimiter = b"--" + boundary.encode()
+    chunks = body.split(b"\n" + delimiter)
+    first = chunks[0]
+    if not (first.startswith(delimiter)):
+        raise ClientError(400, "multipart body does not start with its boundary", "invalid_request_error")
+    chunks[0] = first[len(delimiter):]
+    if not chunks[-1].startswith(b"--"):
+        raise ClientError(400, "multipart body has no closing boundary", "invalid_request_error")
+    parts = []
+    for chunk in chunks[:-1]:
+        chunk = chunk.split(b"\n", 1)[1] if b"\n" in chunk else b""
+        head, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            head, sep, data = chunk.partition(b"\n\n")
+        data = data[:-1] if data.endswith(b"\r") else data
+        headers = {}
+        for line in head.decode("utf-8", "replace").splitlines():
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        params = _disposition(headers.get("content-disposition", ""))
+        parts.append(Part(params.get("name"), params.get("filename"), headers.get("content-type"), data))
+    return parts
+
+
+def form_field(parts: list[Part], name: str) -> str | None:
+    """A form field's text; the last part of that name counts, as in FastAPI's form parser."""
+    values = [part.data for part in parts if part.name == name]
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def audio_response(parts: list[Part], model: str, config: Config, task: str) -> dict[str, Any]:
+    """vLLM's transcription or translation JSON, with what the tests check: the file's sha256."""
+    files = [part for part in parts if part.name == "file"]
+    if not files:
+        raise ClientError(400, "the form has no file part", "invalid_request_error", "file")
+    digest = hashlib.sha256(files[-1].data).hexdigest()
+    return {"text": f"{task} of {len(files[-1].data)} bytes by {model}", "file_sha256": digest,
+            "file_length": len(files[-1].data), "language": form_field(parts, "language")}
+
+
+def immich_response(parts: list[Part]) -> dict[str, Any]:
+    """Immich ML's /predict, by its entries: FastAPI answers 422 when the form lacks them."""
+    entries = form_field(parts, "entries")
+    if entries is None:
+        raise ClientError(422, "Field required: entries", "unprocessable_entity", "entries")
+    try:
+        parsed = json.loads(entries)
+    except ValueError:
+        raise ClientError(422, "entries is not JSON", "unprocessable_entity", "entries") from None
+    return {"entries": parsed, "inputs": sorted(part.name or "" for part in parts if part.name != "entries")}
+
+
 Answer = Callable[[dict[str, Any], str, Config], dict[str, Any]]
 Chunks = Callable[[dict[str, Any], str, Config], list[Any]]
 
@@ -462,6 +562,10 @@ ROOT_ROUTES: dict[str, tuple[Answer, Chunks | None]] = {
     "/tokenize": (tokenize_response, None),
     "/detokenize": (detokenize_response, None),
 }
+
+
+# Multipart routes under the prefix: vLLM's audio API (its task, for the answer).
+AUDIO_ROUTES = {"/audio/transcriptions": "transcription", "/audio/translations": "translation"}
 
 
 def find_route(path: str, prefix: str) -> tuple[str, tuple[Answer, Chunks | None]] | None:
@@ -633,6 +737,14 @@ class Handler(BaseHTTPRequestHandler):
         """DELETE requests."""
         self.dispatch()
 
+    def do_PUT(self) -> None:  # noqa: N802
+        """PUT requests (Qdrant's upserts)."""
+        self.dispatch()
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        """PATCH requests."""
+        self.dispatch()
+
     def dispatch(self) -> None:
         """Read, record, apply the injected behaviour, answer; errors become error JSON."""
         model = None
@@ -648,7 +760,10 @@ class Handler(BaseHTTPRequestHandler):
             if fault is not None:
                 self.send_error_json(fault, f"injected failure (status {fault})", "injected_failure")
                 return
-            self.handle_api(path, body)
+            if self.config.service is not None:
+                self.handle_service(path, body)
+            else:
+                self.handle_api(path, body)
         except ClientError as exc:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
             self.send_error_json(exc.status, str(exc), exc.code, exc.param, extra)
@@ -666,8 +781,17 @@ class Handler(BaseHTTPRequestHandler):
                 model = parsed["model"]
         except (ValueError, RecursionError):
             pass
+        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+        parsed_parts = None
+        if boundary:
+            with contextlib.suppress(ClientError):
+                parsed_parts = parse_multipart(body, boundary)
+        if parsed_parts is not None and model is None:
+            model = form_field(parsed_parts, "model")
+        parts = None if parsed_parts is None else [part.summary() for part in parsed_parts]
         self.request_log.add({
-            "method": self.command, "path": path, "body_length": len(body),
+            "method": self.command, "path": path, "query": self.path.partition("?")[2],
+            "parts": parts, "body_length": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(), "model": model,
             "request_id": self.headers.get("X-Request-ID"), "client": self.client_address[0],
             "timestamp": time.time(), "headers": request_headers(self.headers),
@@ -699,6 +823,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == prefix + "/models" and self.command == "GET":
             self.send_json(200, self.models_list())
             return
+        if path.startswith(prefix + "/") and path[len(prefix):] in AUDIO_ROUTES:
+            self.handle_audio(AUDIO_ROUTES[path[len(prefix):]], body)
+            return
         found = find_route(path, prefix)
         if found is None:
             raise ClientError(404, f"no route for {path}", "not_found")
@@ -715,6 +842,50 @@ class Handler(BaseHTTPRequestHandler):
             self.send_stream(stream(request, model, self.config), self.stream_interval())
             return
         self.send_json(200, {**answer(request, model, self.config), "backend": self.backend_info()})
+
+    def multipart(self, body: bytes) -> list[Part]:
+        """The parts of a multipart/form-data body; another body is a 400, as FastAPI's form parsing."""
+        boundary = multipart_boundary(self.headers.get("Content-Type", ""))
+        if boundary is None:
+            raise ClientError(400, "expected a multipart/form-data body", "invalid_request_error")
+        return parse_multipart(body, boundary)
+
+    def handle_audio(self, task: str, body: bytes) -> None:
+        """vLLM's /v1/audio/transcriptions and /translations: a form with model and file."""
+        if self.command != "POST":
+            raise ClientError(405, f"{self.command} is not allowed", "method_not_allowed")
+        parts = self.multipart(body)
+        model = self.check_model({"model": form_field(parts, "model")})
+        self.send_json(200, {**audio_response(parts, model, self.config, task), "backend": self.backend_info()})
+
+    def handle_service(self, path: str, body: bytes) -> None:
+        """Stand-in for Qdrant or Immich ML: answers in their wire format and says who answered."""
+        if self.config.service == "immich-ml":
+            if path == "/ping":
+                self.send_text(200, "pong")
+            elif path == "/" and self.command == "GET":
+                self.send_json(200, {"message": "Immich ML"})
+            elif path == "/predict" and self.command == "POST":
+                self.send_json(200, {**immich_response(self.multipart(body)), "backend": self.backend_info()})
+            else:
+                raise ClientError(404, f"Not Found: {self.command} {path}", "not_found")
+            return
+        if path == "/healthz":
+            self.send_text(200, "healthz check passed")
+            return
+        parsed = parse_json(body) if body else None
+        self.send_json(200, {"result": {"method": self.command, "path": path, "query": self.path.partition("?")[2],
+                                        "body": parsed},
+                             "status": "ok", "time": 0.0, "backend": self.backend_info()})
+
+    def send_text(self, status: int, text: str) -> None:
+        """A plain-text answer (Immich ML's /ping, Qdrant's /healthz)."""
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def check_model(self, request: dict[str, Any]) -> str:
         """Like vLLM: an unknown model is a 404; no model means the first served name."""
@@ -813,6 +984,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--stream-interval", type=float, default=0.2, help="seconds between streamed chunks")
     parser.add_argument("--keepalive-timeout", type=float, default=5.0,
                         help="close idle keep-alive connections after this many seconds (vLLM: 5)")
+    parser.add_argument("--service", choices=SERVICES,
+                        help="stand in for a service beside the models instead of the OpenAI API")
     parser.add_argument("--api-key-env", metavar="NAME",
                         help="environment variable holding the Bearer key the API paths need (none: open)")
     args = parser.parse_args(argv)
@@ -822,7 +995,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     # An empty variable counts as unset: an empty key would let any "Bearer " through.
     api_key = (os.environ.get(args.api_key_env) or None) if args.api_key_env else None
     return Config(host=args.host, port=args.port, models=args.model, api_prefix=prefix,
-                  stream_interval=args.stream_interval, keepalive_timeout=args.keepalive_timeout, api_key=api_key)
+                  stream_interval=args.stream_interval, keepalive_timeout=args.keepalive_timeout, api_key=api_key,
+                  service=args.service)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -840,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     sys.stderr.write(f"llm_test_backend listening on {config.host}:{config.port} "
                      f"models={','.join(config.models)} prefix={config.api_prefix!r} "
-                     f"api_key={'required' if config.api_key else 'none'}\n")
+                     f"api_key={'required' if config.api_key else 'none'} service={config.service or '-'}\n")
     sys.stderr.flush()
     try:
         server.serve_forever(poll_interval=0.2)

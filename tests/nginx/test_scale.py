@@ -96,7 +96,7 @@ def test_thousand_models_routed_by_nginx_alone(tmp_path: Path, base_port: int,
                 assert reply.headers["X-Reached"] == expected, name
                 sent += 1
         assert sent >= 200
-        assert {llm_registry.GATEWAY_PATHS[e] for e in llm_registry.ENDPOINTS} <= {
+        assert {llm_registry.GATEWAY_PATHS[e] for e in llm_registry.JSON_ENDPOINTS} <= {
             llm_registry.GATEWAY_PATHS[e] for m in sample for e in m["endpoints"]}
     finally:
         stop(gateway)

@@ -184,13 +184,15 @@ class Backend:
 
 
 def start_backend(models: list[str], host: str = "127.0.0.1", port: int = 0, api_prefix: str = "/v1",
-                  api_key: str | None = None) -> Backend:
+                  api_key: str | None = None, service: str | None = None) -> Backend:
     """A test backend; with port 0 it picks one, read from its start-up line.
 
-    With `api_key` it takes only that key on its API paths, as a model server of the role does.
+    With `api_key` it takes only that key on its API paths, as a model server of the role does;
+    with `service` it stands in for Qdrant or Immich ML instead of the OpenAI API.
     """
     command = [sys.executable, str(BACKEND), "--host", host, "--port", str(port),
-               "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2"]
+               "--model", *models, "--api-prefix", api_prefix, "--stream-interval", "0.2",
+               *(["--service", service] if service else [])]
     env = dict(os.environ)
     if api_key is not None:
         command += ["--api-key-env", "LLM_API_KEY"]
@@ -226,6 +228,7 @@ def _filters() -> dict[str, Any]:
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
     filters["dirname"] = os.path.dirname
+    filters["regex_escape"] = re.escape
     filters["regex_replace"] = lambda value, pattern, replacement="": re.sub(pattern, replacement, value)
     filters["hash"] = lambda text, algorithm: __import__("hashlib").new(algorithm, text.encode()).hexdigest()
     return filters
@@ -267,10 +270,10 @@ def _template(env: jinja2.Environment, raw: Any, values: dict[str, Any]) -> Any:
 
 
 def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str, str],
-                   **overrides: Any) -> Path:
+                   services: list[dict[str, Any]] | None = None, **overrides: Any) -> Path:
     """Render nginx.conf, gateway.conf, find-model.conf and routes.js as the role does; return nginx.conf.
 
-    `models` is `llm_models`; `addresses` the GPU hosts' llm_private_address. Paths the
+    `models` is `llm_models`, `services` `llm_services`; `addresses` the hosts' llm_private_address. Paths the
     role points at /etc/nginx and /var/log/nginx go under `root` instead.
     """
     conf_dir = root / "llm"
@@ -283,6 +286,7 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
     context: dict[str, Any] = {
         "inventory_hostname": "gw-test",
         "llm_registry": registry,
+        "llm_service_registry": llm_registry.llm_services_normalize(services or [], groups, registry),
         "hostvars": hostvars,
         "ansible_managed": "rendered by tests/support/gateway_lab.py",
         "gateway_access_log": str(root / "logs" / "llm-access.log"),
@@ -312,9 +316,10 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
                              ("find-model.conf.j2", conf_dir / "find-model.conf"),
                              ("routes.js.j2", conf_dir / "routes.js"),
                              ("api_keys.js.j2", conf_dir / "api_keys.js"),
-                             ("backend-auth.conf.j2", conf_dir / "backend-auth.conf")):
+                             ("backend-auth.conf.j2", conf_dir / "backend-auth.conf"),
+                             ("services-auth.conf.j2", conf_dir / "services-auth.conf")):
         target.write_text(env.get_template(template).render(values))
-    for script in ("router.js", "auth.js", "cache.js"):
+    for script in ("router.js", "auth.js", "cache.js", "multipart.js"):
         shutil.copy(ROLE / "files" / script, conf_dir / script)
     # The role writes it with community.general.htpasswd (bcrypt); the same hashes here.
     (conf_dir / "admin.htpasswd").write_text("".join(

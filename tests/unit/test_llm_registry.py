@@ -176,7 +176,8 @@ BAD_FIELDS = [
     (chat(aliases=["ok", "bad name"]), "model 'chat-small': field 'aliases': every entry must be a string matching"),
     (chat(endpoints=[]), "model 'chat-small': field 'endpoints': must be a non-empty list"),
     (chat(endpoints=["chat", "images"]), "field 'endpoints': must only contain chat, completions, embeddings, "
-                                         "rerank, responses, score, tokenize, detokenize, got 'images'"),
+                                         "rerank, responses, score, tokenize, detokenize, audio_transcriptions, "
+                                         "audio_translations, got 'images'"),
     (infinity(endpoints=["embeddings", "chat"]), "llm_models: model 'bge-m3': field 'endpoints': engine 'infinity' "
                                                  "does not serve 'chat'; it serves embeddings, rerank"),
     (infinity(endpoints=["tokenize", "score"]), "model 'bge-m3': field 'endpoints': engine 'infinity' does not "
@@ -526,14 +527,16 @@ def test_routes_refuse_a_name_served_twice(registry: list[dict[str, Any]]) -> No
 
 
 API_TABLE = [
-    {"name": "chat", "path": "/v1/chat/completions"},
-    {"name": "completions", "path": "/v1/completions"},
-    {"name": "embeddings", "path": "/v1/embeddings"},
-    {"name": "rerank", "path": "/v1/rerank"},
-    {"name": "responses", "path": "/v1/responses"},
-    {"name": "score", "path": "/v1/score"},
-    {"name": "tokenize", "path": "/tokenize"},
-    {"name": "detokenize", "path": "/detokenize"},
+    {"name": "chat", "path": "/v1/chat/completions", "body": "json"},
+    {"name": "completions", "path": "/v1/completions", "body": "json"},
+    {"name": "embeddings", "path": "/v1/embeddings", "body": "json"},
+    {"name": "rerank", "path": "/v1/rerank", "body": "json"},
+    {"name": "responses", "path": "/v1/responses", "body": "json"},
+    {"name": "score", "path": "/v1/score", "body": "json"},
+    {"name": "tokenize", "path": "/tokenize", "body": "json"},
+    {"name": "detokenize", "path": "/detokenize", "body": "json"},
+    {"name": "audio_transcriptions", "path": "/v1/audio/transcriptions", "body": "multipart"},
+    {"name": "audio_translations", "path": "/v1/audio/translations", "body": "multipart"},
 ]
 
 
@@ -562,7 +565,9 @@ def test_endpoint_names_come_from_the_table() -> None:
 ])
 def test_backend_path_replaces_v1_with_the_prefix_and_keeps_root_paths(api_prefix: str,
                                                                        expected: dict[str, str]) -> None:
-    expected = {**expected, "tokenize": "/tokenize", "detokenize": "/detokenize"}
+    expected = {**expected, "tokenize": "/tokenize", "detokenize": "/detokenize",
+                "audio_transcriptions": api_prefix + "/audio/transcriptions",
+                "audio_translations": api_prefix + "/audio/translations"}
     assert {endpoint: reg.backend_path(endpoint, api_prefix) for endpoint in reg.ENDPOINTS} == expected
 
 
@@ -570,7 +575,8 @@ def test_backend_path_replaces_v1_with_the_prefix_and_keeps_root_paths(api_prefi
     (vllm(endpoints=list(reg.ENDPOINTS)), "/v1",
      {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
       "rerank": "/v1/rerank", "responses": "/v1/responses", "score": "/v1/score", "tokenize": "/tokenize",
-      "detokenize": "/detokenize"}),
+      "detokenize": "/detokenize", "audio_transcriptions": "/v1/audio/transcriptions",
+      "audio_translations": "/v1/audio/translations"}),
     (vllm(api_prefix="", endpoints=["responses", "tokenize"]), "",
      {"responses": "/responses", "tokenize": "/tokenize"}),
     (infinity(), "", {"embeddings": "/embeddings", "rerank": "/rerank"}),
@@ -608,7 +614,10 @@ def test_paths_is_not_a_registry_field() -> None:
 def test_filter_module_exposes_all_filters() -> None:
     assert set(reg.FilterModule().filters()) == {
         "llm_registry_normalize", "llm_host_models", "llm_gateway_upstreams", "llm_gateway_routes",
-        "llm_api_endpoints", "llm_gateway_cached_routes", "llm_backend_key_files", "llm_backend_api_keys", "llm_backend_key_errors",
+        "llm_api_endpoints", "llm_gateway_cached_routes", "llm_backend_key_files", "llm_backend_api_keys",
+        "llm_backend_key_errors",
+        "llm_services_normalize", "llm_gateway_services", "llm_service_host_ports", "llm_service_router_data",
+        "llm_service_header_var",
     }
 
 

@@ -740,3 +740,90 @@ def test_official_openai_client_parses_a_response(backend: Backend) -> None:
     response = client.responses.create(model="gpt-4o-mini", input="hi", max_output_tokens=2)
     assert response.output_text.count("[") == 2
     assert response.usage.output_tokens == 2 and response.status == "incomplete"
+
+
+# --- multipart bodies, audio, and the stand-ins for Qdrant and Immich ML -------------------------
+
+
+def multipart(boundary: str, parts: list[tuple[str, bytes, str | None]], eol: bytes = b"\r\n") -> bytes:
+    """A form of (name, value, filename) parts."""
+    out = b""
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}".encode() + eol + f"Content-Disposition: {disposition}".encode() + eol + eol
+        out += value + eol
+    return out + f"--{boundary}--".encode() + eol
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["crlf", "lf"])
+def test_a_transcription_is_answered_and_recorded_part_by_part(backend: Backend, eol: bytes) -> None:
+    audio = os.urandom(100_000) + b"\r\n--not-it\r\n"
+    body = multipart("x-b", [("model", b"gpt-4o-mini", None), ("file", audio, "a.wav")], eol)
+    reply = backend.request("POST", "/v1/audio/transcriptions?lang=de", raw=body,
+                            headers={"Content-Type": 'multipart/form-data; boundary="x-b"'})
+    assert reply.status == 200, reply.body[:300]
+    answer = reply.json()
+    assert answer["file_sha256"] == hashlib.sha256(audio).hexdigest()
+    assert answer["text"].startswith("transcription of")
+    [record] = backend.request("GET", "/_test/requests").json()
+    assert (record["path"], record["query"], record["model"]) == ("/v1/audio/transcriptions", "lang=de", "gpt-4o-mini")
+    assert [(p["name"], p["filename"], p["length"]) for p in record["parts"]] == [
+        ("model", None, len(b"gpt-4o-mini")), ("file", "a.wav", len(audio))]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status"), [
+    (multipart("b", [("model", b"unknown", None), ("file", b"x", "a.wav")]), "multipart/form-data; boundary=b", 404),
+    (multipart("b", [("model", b"chat-small", None)]), "multipart/form-data; boundary=b", 400),
+    (b'{"model": "chat-small"}', "application/json", 400),
+    (multipart("b", [("model", b"chat-small", None)])[:-8], "multipart/form-data; boundary=b", 400),
+])
+def test_bad_audio_requests_are_refused_like_vllm(backend: Backend, body: bytes, content_type: str,
+                                                  status: int) -> None:
+    reply = backend.request("POST", "/v1/audio/translations", raw=body, headers={"Content-Type": content_type})
+    assert reply.status == status, reply.body[:300]
+    assert "error" in reply.json()
+
+
+@contextlib.contextmanager
+def stand_in(tmp_path: Path, service: str) -> Iterator[Backend]:
+    """A backend standing in for a service beside the models."""
+    backend = start_backend(tmp_path / "stderr.log", "--model", service, "--service", service)
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+def test_the_qdrant_stand_in_answers_any_path_and_method(tmp_path: Path) -> None:
+    with stand_in(tmp_path, "qdrant") as service:
+        check_qdrant(service)
+
+
+def check_qdrant(service: Backend) -> None:
+    body = {"points": [{"id": 1, "vector": [0.5]}]}
+    reply = service.request("PUT", "/collections/c/points?wait=true", body, headers={"api-key": "k"})
+    assert reply.status == 200
+    answer = reply.json()
+    assert (answer["status"], answer["result"]["path"], answer["result"]["query"]) == (
+        "ok", "/collections/c/points", "wait=true")
+    assert answer["result"]["body"] == body
+    assert service.request("GET", "/healthz").body == b"healthz check passed"
+    [record, _health] = service.request("GET", "/_test/requests").json()
+    assert (record["method"], record["headers"]["api-key"]) == ("PUT", ["k"])
+
+
+def test_the_immich_stand_in_answers_by_its_entries(tmp_path: Path) -> None:
+    with stand_in(tmp_path, "immich-ml") as service:
+        check_immich(service)
+
+
+def check_immich(service: Backend) -> None:
+    assert service.request("GET", "/ping").body == b"pong"
+    entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
+    body = multipart("b", [("image", b"\xff\xd8jpeg", "blob"), ("entries", json.dumps(entries).encode(), None)])
+    reply = service.request("POST", "/predict", raw=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert reply.status == 200
+    assert reply.json()["entries"] == entries
+    missing = multipart("b", [("image", b"x", "blob")])
+    assert service.request("POST", "/predict", raw=missing,
+                           headers={"Content-Type": "multipart/form-data; boundary=b"}).status == 422

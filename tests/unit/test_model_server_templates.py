@@ -386,8 +386,14 @@ def test_probe_path_is_the_registry_backend_path() -> None:
 
 
 def test_every_registry_endpoint_has_a_probe_and_chat_comes_first() -> None:
-    assert set(ms.PROBE_BODIES) == set(reg.ENDPOINTS)
+    assert set(ms.PROBE_BODIES) == set(reg.JSON_ENDPOINTS)
     assert list(ms.PROBE_BODIES)[:4] == ["chat", "completions", "embeddings", "rerank"]
+
+
+def test_an_audio_only_model_is_probed_by_its_model_list() -> None:
+    probe = plan_of({**VLLM, "endpoints": ["audio_transcriptions", "audio_translations"]})["probe"]
+    assert probe == {"path": "/v1/models", "method": "GET", "body": None}
+    assert plan_of({**VLLM, "endpoints": ["audio_transcriptions", "chat"]})["probe"]["method"] == "POST"
 
 
 def test_probe_bodies_are_not_shared_between_plans() -> None:

@@ -9,14 +9,13 @@ a stopped service cannot pass for a firewall.
 from __future__ import annotations
 
 import re
-import shlex
 import socket
 from collections.abc import Callable
 
 import pytest
 import testinfra
 
-from lab_pytest import assigned_models
+from lab_pytest import CONNECT_TIMEOUT as TIMEOUT, assigned_models, connects
 
 testinfra_hosts = ["llm_gateways", "llm_gpu_hosts"]
 
@@ -24,21 +23,6 @@ TABLE = "inet llm_firewall"
 RULESET = "/etc/nftables.d/llm-firewall.nft"
 UNIT = "llm-firewall.service"
 GATEWAY_PORTS = {80, 443}
-TIMEOUT = 3
-# Exits 0 when a TCP connection opens within the timeout, 1 (with the reason) when it does not.
-CONNECT = ("import socket, sys\n"
-           "try:\n"
-           f"    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout={TIMEOUT}).close()\n"
-           "except OSError as error:\n"
-           "    sys.exit(f'{type(error).__name__}: {error}')\n")
-
-
-def connects(client: testinfra.host.Host, address: str, port: int) -> bool:
-    """Whether `client` can open a TCP connection to address:port (bounded by TIMEOUT)."""
-    result = client.run(f"python3 -c {shlex.quote(CONNECT)} {address} {port}")
-    return result.rc == 0
-
-
 def input_rules(host: testinfra.host.Host) -> list[str]:
     """The rules of the role's input chain, one per line, as nft lists them."""
     return [line.strip() for line in host.check_output(f"nft list chain {TABLE} input").splitlines()]

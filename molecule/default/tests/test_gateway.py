@@ -52,8 +52,8 @@ def test_gateway_files_are_root_owned_and_readable_by_nginx_only(host):
     assert not host.file("/etc/nginx/llm/upstreams.conf").exists, "the upstreams are in gateway.conf"
     directory = host.file("/etc/nginx/llm")
     assert (directory.user, directory.group, directory.mode) == ("root", "www-data", 0o750)
-    for name in ("router.js", "routes.js", "api_keys.js", "gateway.conf", "find-model.conf", "backend-auth.conf",
-                 "admin.htpasswd"):
+    for name in ("router.js", "multipart.js", "routes.js", "api_keys.js", "gateway.conf", "find-model.conf",
+                 "backend-auth.conf", "services-auth.conf", "admin.htpasswd"):
         config = host.file(f"/etc/nginx/llm/{name}")
         assert config.exists, name
         assert (config.user, config.group, config.mode) == ("root", "www-data", 0o640), name

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import pytest
 import requests
 
-from lab_pytest import (PAST_THE_CACHE, assert_openai_error, backend_path, bearer, get, landed, post, primary_hosts,
-                        wait_until)
+from lab_pytest import (PAST_THE_CACHE, assert_openai_error, backend_path, bearer, get, json_endpoints, landed, post,
+                        primary_hosts, wait_until)
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -54,7 +54,7 @@ def test_every_model_lands_only_on_its_own_hosts_for_every_endpoint(gateway_url,
     for model in registry:
         # A backup host serves only while the primaries are down (test_balancing_and_cache.py).
         own_hosts = set(primary_hosts(model, inventory))
-        for endpoint in model["endpoints"]:
+        for endpoint in json_endpoints(model):
             for backend in clean:
                 backend.clear()
             body = request_body(model["name"], endpoint, size)
@@ -77,13 +77,13 @@ def test_every_model_lands_only_on_its_own_hosts_for_every_endpoint(gateway_url,
 
 def test_aliases_land_with_their_model(gateway_url, registry, clean):
     for model in registry:
-        for alias in model.get("aliases", []):
-            endpoint = model["endpoints"][0]
+        for alias in model.get("aliases", []) if json_endpoints(model) else []:
+            endpoint = json_endpoints(model)[0]
             response = post(gateway_url, endpoint, request_body(alias, endpoint))
             assert response.status_code == 200, response.text[:300]
             assert response.headers["X-Backend-Model"] == model["name"]
     hits = landed(clean)
-    assert {m for m, _ in hits} == {m["name"] for m in registry if m.get("aliases")}
+    assert {m for m, _ in hits} == {m["name"] for m in registry if m.get("aliases") and json_endpoints(m)}
 
 
 def test_nested_model_keys_do_not_steer_the_route(gateway_url, clean):

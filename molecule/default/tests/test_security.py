@@ -14,8 +14,8 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from lab_pytest import (GATEWAY_PATHS, api_key, assert_openai_error, bearer, credential, get, landed, post,
-                        run_playbook)
+from lab_pytest import (GATEWAY_PATHS, api_key, assert_openai_error, bearer, credential, get, json_endpoints, landed,
+                        post, run_playbook)
 from sslyze import (Scanner, ScanCommand, ServerNetworkLocation, ServerScanRequest, ServerScanStatusEnum)
 
 testinfra_hosts = ["llm_gateways"]
@@ -119,7 +119,7 @@ def test_an_expired_key_is_401_and_not_echoed(gateway_url, clean):
 def test_a_key_gets_the_unknown_model_answer_for_models_outside_its_list(gateway_url, registry, clean):
     only = bearer("chat-small-only")
     for entry in registry:
-        for endpoint in entry.get("endpoints", ["chat", "completions"]):
+        for endpoint in json_endpoints(entry):
             response = post(gateway_url, endpoint, body_for(entry["name"], endpoint), headers=only)
             if entry["name"] == "chat-small":
                 assert response.status_code == 200, response.text

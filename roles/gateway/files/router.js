@@ -16,6 +16,7 @@
 import registry from 'routes.js';
 import auth from 'auth.js';
 import apiKeys from 'api_keys.js';
+import multipart from 'multipart.js';
 var fs = require('fs');
 
 // Set when the module loads, i.e. at each configuration (re)load.
@@ -24,6 +25,8 @@ var CREATED = Math.floor(Date.now() / 1000);
 var FIRST_KEY_SPACE = 8;
 // Names echoed in an error message are cut to this many characters.
 var ECHO_MAX = 256;
+// The largest form field read out of a multipart body (a model name, Immich ML's "entries").
+var FIELD_MAX = 65536;
 
 var ENDPOINT_BY_PATH = {}, PATH_OF = {};
 registry.endpoints.forEach(function (endpoint) {
@@ -408,7 +411,7 @@ function route(r) {
     // A method other than POST comes straight from the API location (llm_api_path unset).
     var apiPath = r.variables.llm_api_path || r.variables.llm_request_path || r.uri;
     var endpoint = ENDPOINT_BY_PATH[apiPath];
-    var body, found, target, args;
+    var body, found;
 
     r.variables.llm_router = 'njs';
     r.variables.llm_name = '';
@@ -440,17 +443,23 @@ function route(r) {
         return invalid(r, 400, 'The request body has no "model"; name one of GET /v1/models.', 'model',
                        'missing_model');
     }
+    toModel(r, found.name, endpoint, apiPath);
+}
+
+/* To the model's location, or the error of a name that is unknown, not the key's or not served here. */
+function toModel(r, name, endpoint, apiPath) {
+    var target, args;
     // A model the key may not use is answered as one that does not exist: a key cannot probe.
-    if (!own(registry.routes, found.name) || !permitted(r, registry.routes[found.name].id)) {
-        r.variables.llm_name = echo(found.name);
-        return invalid(r, 404, 'The model \'' + echo(found.name) + '\' does not exist or is not served by this ' +
+    if (!own(registry.routes, name) || !permitted(r, registry.routes[name].id)) {
+        r.variables.llm_name = echo(name);
+        return invalid(r, 404, 'The model \'' + echo(name) + '\' does not exist or is not served by this ' +
                        'gateway.', 'model', 'model_not_found');
     }
-    target = registry.routes[found.name];
-    r.variables.llm_name = found.name;
+    target = registry.routes[name];
+    r.variables.llm_name = name;
     if (target.endpoints.indexOf(endpoint.name) === -1) {
-        return invalid(r, 400, 'The model \'' + found.name + '\' does not serve ' + apiPath + '; it serves: ' +
-                       target.endpoints.map(function (name) { return PATH_OF[name]; }).join(', ') + '.',
+        return invalid(r, 400, 'The model \'' + name + '\' does not serve ' + apiPath + '; it serves: ' +
+                       target.endpoints.map(function (e) { return PATH_OF[e]; }).join(', ') + '.',
                        'model', 'unsupported_endpoint');
     }
     // What the model's location logs, as nginx's own route sets it.
@@ -458,6 +467,134 @@ function route(r) {
     r.variables.llm_api_path = apiPath;
     args = r.variables.args;
     r.internalRedirect('/_llm/' + target.upstream + target.paths[endpoint.name] + (args ? '?' + args : ''));
+}
+
+/* ------------------------------------------------------------------ multipart bodies
+ * Audio uploads name their model in a form field, Immich ML its task in the "entries"
+ * part: multipart.js finds the field where nginx holds the body, the upload stays as sent.
+ */
+
+/* One form field's text: {value} (undefined when absent), or null after answering the error. */
+function formField(r, name) {
+    var bound = multipart.boundary(r.headersIn['Content-Type']), head, body, part;
+    if (bound === null) {
+        invalid(r, 400, 'This path takes a multipart/form-data body (with its boundary in the Content-Type).',
+                null, 'invalid_body');
+        return null;
+    }
+    // The form's first part, as nginx captured it (gateway.conf): when the field is
+    // there, the whole body need not be copied into njs. It is a prefix of the body,
+    // so the reader finds there exactly what it would find in the body, or nothing.
+    head = r.rawVariables.llm_form_head;
+    if (head && head.length) {
+        try {
+            part = multipart.findPart(head, bound, name, FIELD_MAX);
+        } catch (e) {
+            part = null;
+        }
+        if (part !== null) {
+            return {value: part.toString('utf8')};
+        }
+    }
+    try {
+        body = r.requestBuffer;
+    } catch (e) {
+        invalid(r, 413, 'The request body could not be held in memory; it is larger than the gateway accepts.',
+                null, 'request_too_large');
+        return null;
+    }
+    try {
+        part = multipart.findPart(body || Buffer.from(''), bound, name, FIELD_MAX);
+    } catch (e) {
+        if (e instanceof multipart.MultipartError) {
+            invalid(r, 400, 'Invalid multipart body: ' + e.message + '.', name, 'invalid_body');
+            return null;
+        }
+        throw e;
+    }
+    return {value: part === null ? undefined : part.toString('utf8')};
+}
+
+/* POST /v1/audio/transcriptions and /translations: by the form's "model" field. */
+function audio(r) {
+    var apiPath = r.variables.llm_api_path, endpoint = ENDPOINT_BY_PATH[apiPath], field;
+    r.variables.llm_router = 'njs';
+    r.variables.llm_name = '';
+    if (r.method !== 'POST') {
+        return methodNotAllowed(r, 'POST');
+    }
+    field = formField(r, 'model');
+    if (field === null) {
+        return;
+    }
+    if (field.value === undefined || field.value === '') {
+        return invalid(r, 400, 'The form has no "model" field; name one of GET /v1/models.', 'model',
+                       'missing_model');
+    }
+    toModel(r, field.value, endpoint, apiPath);
+}
+
+// Immich ML's "entries" keys -> the gateway's task names (llm_services.IMMICH_TASKS).
+var IMMICH_TASKS = {clip: {textual: 'clip_textual', visual: 'clip_visual'}, 'facial-recognition': 'facial_recognition',
+                    ocr: 'ocr'};
+
+/* The known tasks an "entries" object names, in its order. */
+function immichTasks(entries) {
+    var tasks = [];
+    Object.keys(entries).forEach(function (key) {
+        var task = own(IMMICH_TASKS, key) ? IMMICH_TASKS[key] : undefined, inner = entries[key];
+        if (typeof task === 'string') {
+            tasks.push(task);
+        } else if (task !== undefined && inner !== null && typeof inner === 'object') {
+            Object.keys(inner).forEach(function (sub) {
+                if (own(task, sub)) {
+                    tasks.push(task[sub]);
+                }
+            });
+        }
+    });
+    return tasks;
+}
+
+/* POST <prefix>/predict of an immich_ml service: to the servers of the task its "entries" names. */
+function immich(r) {
+    var service = registry.services[r.variables.llm_service_name], field, entries, tasks, upstreams, args;
+    r.variables.llm_router = 'njs';
+    if (r.method !== 'POST') {
+        return methodNotAllowed(r, 'POST');
+    }
+    field = formField(r, 'entries');
+    if (field === null) {
+        return;
+    }
+    if (field.value === undefined) {
+        return invalid(r, 400, 'The form has no "entries" part; Immich ML\'s /predict needs one.', 'entries',
+                       'missing_entries');
+    }
+    try {
+        entries = JSON.parse(field.value);
+    } catch (e) {
+        return invalid(r, 400, 'The "entries" part is not JSON: ' + echo(e.message) + '.', 'entries',
+                       'invalid_entries');
+    }
+    if (entries === null || typeof entries !== 'object' || Array.isArray(entries)) {
+        return invalid(r, 400, 'The "entries" part must be a JSON object of tasks.', 'entries', 'invalid_entries');
+    }
+    tasks = immichTasks(entries);
+    if (!tasks.length) {
+        return invalid(r, 400, 'The "entries" part names no known task (clip textual or visual, ' +
+                       'facial-recognition, ocr).', 'entries', 'unknown_task');
+    }
+    upstreams = tasks.map(function (task) { return service.tasks[task]; }).filter(function (u, i, all) {
+        return all.indexOf(u) === i;
+    });
+    if (upstreams.length > 1) {
+        return invalid(r, 400, 'The "entries" part names tasks served by different servers (' + tasks.join(', ') +
+                       '); send them in separate requests.', 'entries', 'mixed_tasks');
+    }
+    r.variables.llm_service = service.name + '/' + tasks.join('+');
+    args = r.variables.args;
+    r.internalRedirect('/_svc/' + upstreams[0] + '/predict' + (args ? '?' + args : ''));
 }
 
 /* ------------------------------------------------------------------ models, readiness, errors */
@@ -487,8 +624,8 @@ function models(r) {
     r.return(200, JSON.stringify(modelEntry(registry.routes[name].id)) + '\n');
 }
 
-function probe(address) {
-    return ngx.fetch('http://' + address + '/health').then(
+function probe(address, path) {
+    return ngx.fetch('http://' + address + (path || '/health')).then(
         function (reply) {
             return {address: address, healthy: reply.status === 200, status: reply.status};
         },
@@ -502,10 +639,14 @@ function probe(address) {
  * state that njs could read on 0.7.9; this view is for operators and probes.
  */
 function ready(r) {
-    var checks = registry.upstreams.map(function (upstream) {
-        return Promise.all(upstream.servers.map(probe)).then(function (servers) {
+    var checks = registry.upstreams.concat(registry.serviceUpstreams).map(function (upstream) {
+        return Promise.all(upstream.servers.map(function (address) {
+            return probe(address, upstream.health);
+        })).then(function (servers) {
             var live = servers.filter(function (s) { return s.healthy; }).length;
-            return {model: upstream.model, upstream: upstream.name, live: live, servers: servers};
+            var entry = {upstream: upstream.name, live: live, servers: servers};
+            entry[upstream.service ? 'service' : 'model'] = upstream.service || upstream.model;
+            return entry;
         });
     });
     Promise.all(checks).then(function (upstreams) {
@@ -568,11 +709,16 @@ function nginxError(r) {
     known = NGINX_ERRORS[status] || NGINX_ERRORS[500];
     message = known[2];
     if (status === 413) {
-        message = 'The request body is larger than the gateway accepts (' + registry.maxBodySize + ').';
+        message = 'The request body is larger than the gateway accepts (' +
+            (r.variables.llm_body_limit || registry.maxBodySize) + ').';
+    } else if (status === 504 && r.variables.llm_service) {
+        message = 'The server of service \'' + r.variables.llm_service + '\' did not answer in time.';
     } else if (status === 502 || status === 503) {
         status = 503;
         r.headersOut['Retry-After'] = String(registry.retryAfter);
-        message = 'No server of model \'' + (r.variables.llm_routed_model || 'unknown') + '\' is available; retry later.';
+        message = r.variables.llm_service ?
+            'No server of service \'' + r.variables.llm_service + '\' is available; retry later.' :
+            'No server of model \'' + (r.variables.llm_routed_model || 'unknown') + '\' is available; retry later.';
     }
     sendError(r, status, message, known[0], null, known[1]);
 }
@@ -668,4 +814,4 @@ function purgeCache(r) {
     });
 }
 
-export default {route, models, ready, nginxError, findModel, purgeCache};
+export default {route, audio, immich, models, ready, nginxError, findModel, purgeCache};

@@ -23,6 +23,13 @@ Filters:
                                                 -> {model name: key} for every model with api_key true
     llm_backend_key_errors(given, normalized, keys, credentials_dir)
                                                 -> messages for given or stored keys that are wrong
+    llm_services_normalize(services, groups, normalized)
+                                                -> llm_services validated (llm_service_registry)
+    llm_gateway_services(services, hostvars, key_ids)
+                                                -> per service: upstreams, task routes, header names
+    llm_service_router_data(gateway_services)   -> task routes and upstreams for njs (routes.js)
+    llm_service_host_ports(services, hostname)  -> ports of the services on one host (firewall)
+    llm_service_header_var(header name)         -> the nginx variable of a service header
 
 The backend keys are secrets: the filters that see them never put one into a
 message, so the task that reports their errors can run without no_log.
@@ -68,8 +75,14 @@ API_ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("score", "/v1/score"),
     ("tokenize", "/tokenize"),
     ("detokenize", "/detokenize"),
+    # Multipart uploads (vLLM's Whisper-class models): the model is a form field, not JSON.
+    ("audio_transcriptions", "/v1/audio/transcriptions"),
+    ("audio_translations", "/v1/audio/translations"),
 )
 ENDPOINTS = tuple(name for name, _ in API_ENDPOINTS)
+# The endpoints whose body is multipart/form-data; every other one takes a JSON body.
+MULTIPART_ENDPOINTS = ("audio_transcriptions", "audio_translations")
+JSON_ENDPOINTS = tuple(name for name in ENDPOINTS if name not in MULTIPART_ENDPOINTS)
 GATEWAY_PATHS = dict(API_ENDPOINTS)
 # The part of a gateway path that the model's api_prefix replaces.
 GATEWAY_API_PREFIX = "/v1"
@@ -337,6 +350,14 @@ def _check_hosts(value: Any, groups: Mapping[str, Any]) -> tuple[list[str], dict
     if all(server["backup"] for server in servers.values()):
         raise _FieldError("has only backup hosts; a backup serves only while every primary host is down")
     return sorted(hosts), servers
+
+
+def _check_service_hosts(value: Any, groups: Mapping[str, Any]) -> list[str]:
+    """A service's hosts: names only (weights and backups are the models' own, for now)."""
+    if isinstance(value, list) and any(not isinstance(item, str) for item in value):
+        raise _FieldError("must contain only host or group names (weight and backup are for models)")
+    hosts, _ = _check_hosts(value, groups)
+    return hosts
 
 
 def _check_cache(value: Any, endpoints: list[str] | None) -> dict[str, Any]:
@@ -682,12 +703,15 @@ def llm_gateway_cached_routes(normalized: Any) -> list[dict[str, Any]]:
 
 
 def llm_api_endpoints(_ignored: Any = None) -> list[dict[str, str]]:
-    """The gateway's API as [{name, path}] in table order, for templates: `{{ none | llm_api_endpoints }}`.
+    """The gateway's API as [{name, path, body}] in table order, for templates: `{{ none | llm_api_endpoints }}`.
+
+    `body` is "json" or "multipart": how the gateway finds the model in a request.
 
     A filter needs an input; this one takes any and ignores it, so the table stays here
     rather than being copied into the gateway's variables.
     """
-    return [{"name": name, "path": path} for name, path in API_ENDPOINTS]
+    return [{"name": name, "path": path, "body": "multipart" if name in MULTIPART_ENDPOINTS else "json"}
+            for name, path in API_ENDPOINTS]
 
 
 # --- backend API keys ---------------------------------------------------------------------
@@ -799,6 +823,341 @@ def llm_backend_key_errors(given: Any, normalized: Any, keys: Any, credentials_d
     return errors
 
 
+# --- services beside the models ----------------------------------------------------------
+# llm_services: Qdrant, Immich ML and any HTTP service the gateway puts under a path prefix.
+# A mistake here (a prefix that shadows the API, a header value nginx would read as a variable,
+# a misspelt task) would surface as a silently wrong route, so every entry is checked and every
+# error names the service and the field. Header values are secrets (Qdrant's api-key from the
+# vault): no message quotes one.
+
+SERVICES = "llm_services"
+SERVICE_KINDS = ("http", "immich_ml")
+SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# One or more path segments, no trailing slash: the location is "<prefix>/".
+SERVICE_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+# Paths of the gateway itself and of the LLM API: a service prefix must not cover them.
+RESERVED_PREFIXES = ("/v1", "/health", "/ready", "/_llm", "/_svc", "/tokenize", "/detokenize")
+SIZE_RE = re.compile(r"^[0-9]{1,6}[kKmMgG]?$")
+TIME_RE = re.compile(r"^[0-9]{1,6}(ms|s|m|h)?$")
+HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#%&'*+.^_`|~-]{1,64}$")
+# Headers the gateway sets itself; a service may not override them.
+GATEWAY_HEADERS = frozenset({"host", "connection", "content-length", "transfer-encoding", "x-request-id",
+                             "x-forwarded-for", "x-forwarded-proto"})
+# The tasks of Immich ML's /predict, as the gateway names them; "entries" spells them
+# {"clip": {"textual": ...}}, {"clip": {"visual": ...}}, {"facial-recognition": ...}, {"ocr": ...}.
+IMMICH_TASKS = ("clip_textual", "clip_visual", "facial_recognition", "ocr")
+SERVICE_DEFAULTS = {
+    "http": {"strip_prefix": True, "client_max_body_size": "16m", "health_path": "/"},
+    # Images: Immich's server uploads previews; 32 MB holds them with room to spare.
+    "immich_ml": {"strip_prefix": True, "client_max_body_size": "32m", "health_path": "/ping"},
+}
+SERVICE_PORT_MIN, SERVICE_PORT_MAX = 1, 65535
+SERVICE_FIELDS = frozenset({"name", "kind", "prefix", "hosts", "port", "strip_prefix", "headers",
+                            "client_max_body_size", "connect_timeout", "send_timeout", "read_timeout", "health_path",
+                            "api_keys", "tasks"})
+SERVICE_TASK_FIELDS = frozenset({"hosts", "port"})
+
+
+def _check_service_name(value: Any) -> str:
+    """The name goes into upstream names, the log and njs: lower-case letters, digits, '-', '_'."""
+    if not isinstance(value, str) or not SERVICE_NAME_RE.match(value):
+        raise _FieldError(f"must match {SERVICE_NAME_RE.pattern}, got {_describe(value)}")
+    return value
+
+
+def _check_service_kind(value: Any) -> str:
+    if value not in SERVICE_KINDS:
+        raise _FieldError(f"must be one of {', '.join(SERVICE_KINDS)}, got {_describe(value)}")
+    return str(value)
+
+
+def _check_service_prefix(value: Any) -> str:
+    """A path prefix of whole segments that leaves the gateway's own paths alone."""
+    if not isinstance(value, str) or not SERVICE_PREFIX_RE.match(value):
+        raise _FieldError(f"must be a path like \"/qdrant\" (segments of letters, digits, '.', '_', '~', '-'; "
+                          f"no trailing slash), got {_describe(value)}")
+    for reserved in RESERVED_PREFIXES:
+        if value == reserved or value.startswith(reserved + "/") or reserved.startswith(value + "/"):
+            raise _FieldError(f"{value!r} overlaps the gateway's own path {reserved!r}")
+    return value
+
+
+def _check_service_port(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not SERVICE_PORT_MIN <= value <= SERVICE_PORT_MAX:
+        raise _FieldError(f"must be an integer from {SERVICE_PORT_MIN} to {SERVICE_PORT_MAX}, got {_describe(value)}")
+    return value
+
+
+def _check_service_size(value: Any) -> str:
+    if not isinstance(value, str) or not SIZE_RE.match(value):
+        raise _FieldError(f"must be an nginx size like \"32m\" (a quoted string), got {_describe(value)}")
+    return value
+
+
+def _check_service_time(value: Any) -> str:
+    if not isinstance(value, str) or not TIME_RE.match(value):
+        raise _FieldError(f"must be an nginx time like \"60s\" (a quoted string), got {_describe(value)}")
+    return value
+
+
+def _check_service_path(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^/[A-Za-z0-9._~/-]*$", value):
+        raise _FieldError(f"must be a path starting with '/', got {_describe(value)}")
+    return value
+
+
+def _check_service_headers(value: Any) -> dict[str, str]:
+    """Header name -> value; values are secrets, so a bad one is described, never quoted."""
+    if not isinstance(value, Mapping):
+        raise _FieldError(f"must be a mapping of header name: value, got {_describe(value)}")
+    headers: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
+            raise _FieldError(f"has an invalid header name {_describe(name)}")
+        if name.lower() in GATEWAY_HEADERS:
+            raise _FieldError(f"header '{name}' is set by the gateway itself")
+        if name.lower() in {n.lower() for n in headers}:
+            raise _FieldError(f"header '{name}' is given twice (names are case-insensitive)")
+        if not isinstance(item, str) or not item:
+            raise _FieldError(f"header '{name}': must be a non-empty string, "
+                              f"got {'null' if item is None else type(item).__name__}")
+        # nginx reads "$" as a variable and has no escape for it; quotes and line ends would break the config.
+        if re.search(r'[\x00-\x1f\x7f"\\$]', item):
+            raise _FieldError(f"header '{name}': its value holds a character nginx cannot carry "
+                              f"('\"', '\\', '$' or a control character)")
+        headers[name] = item
+    return headers
+
+
+def _check_service_api_keys(value: Any) -> list[str] | None:
+    """"all" (None), or the ids of llm_api_keys that may use the service."""
+    if value == "all":
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise _FieldError(f"must be \"all\" or a list of llm_api_keys ids, got {_describe(value)}")
+    return sorted(set(value))
+
+
+def _unknown_service_field(key: str, known: frozenset[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"unknown field (did you mean '{close[0]}'?)" if close else f"unknown field; known: {', '.join(sorted(known))}"
+
+
+def _service_tasks(entry: _Entry, value: Any, groups: Mapping[str, Any], hosts: Any, port: Any) -> dict[str, Any]:
+    """Immich ML's task -> {hosts, port}: each given task's servers, the service's hosts and port by default."""
+    if not isinstance(value, Mapping):
+        entry.fail("tasks", f"must be a mapping of task: {{hosts, port}}, got {_describe(value)}")
+        return {}
+    tasks: dict[str, Any] = {}
+    for task, spec in value.items():
+        field = f"tasks.{task}"
+        if task not in IMMICH_TASKS:
+            close = difflib.get_close_matches(str(task), IMMICH_TASKS, n=1)
+            entry.fail(field, f"unknown task ({f'did you mean {close[0]!r}?' if close else 'known: ' + ', '.join(IMMICH_TASKS)})")
+            continue
+        if not isinstance(spec, Mapping) or not spec:
+            entry.fail(field, f"must be a mapping with hosts and/or port, got {_describe(spec)}")
+            continue
+        for key in sorted(set(spec) - SERVICE_TASK_FIELDS, key=str):
+            entry.fail(f"{field}.{key}", _unknown_service_field(str(key), SERVICE_TASK_FIELDS))
+        task_hosts = entry.check(f"{field}.hosts", spec["hosts"], _check_service_hosts, groups) if "hosts" in spec else hosts
+        task_port = entry.check(f"{field}.port", spec["port"], _check_service_port) if "port" in spec else port
+        tasks[str(task)] = {"hosts": task_hosts, "port": task_port}
+    return tasks
+
+
+def _normalize_service(index: int, raw: Any, groups: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
+    name = raw.get("name") if isinstance(raw, Mapping) else None
+    label = f"{SERVICES}: service '{name}'" if isinstance(name, str) and SERVICE_NAME_RE.match(name) else f"{SERVICES}[{index}]"
+    if not isinstance(raw, Mapping):
+        errors.append(f"{label}: must be a mapping with at least name, kind, prefix, hosts and port, "
+                      f"got {_describe(raw)}")
+        return {}
+    entry = _Entry(label, errors)
+    for key in sorted(set(raw) - SERVICE_FIELDS, key=str):
+        entry.fail(str(key), _unknown_service_field(str(key), SERVICE_FIELDS))
+    for key in ("name", "kind", "prefix", "hosts", "port"):
+        if key not in raw:
+            entry.fail(key, "is required")
+    kind = entry.check("kind", raw["kind"], _check_service_kind) if "kind" in raw else None
+    defaults = SERVICE_DEFAULTS.get(kind or "http", SERVICE_DEFAULTS["http"])
+    service: dict[str, Any] = {
+        "name": entry.check("name", raw["name"], _check_service_name) if "name" in raw else None,
+        "kind": kind,
+        "prefix": entry.check("prefix", raw["prefix"], _check_service_prefix) if "prefix" in raw else None,
+        "hosts": entry.check("hosts", raw["hosts"], _check_service_hosts, groups) if "hosts" in raw else None,
+        "port": entry.check("port", raw["port"], _check_service_port) if "port" in raw else None,
+        "strip_prefix": entry.check("strip_prefix", raw.get("strip_prefix", defaults["strip_prefix"]), _check_bool),
+        "headers": entry.check("headers", raw.get("headers", {}), _check_service_headers),
+        "client_max_body_size": entry.check("client_max_body_size",
+                                            raw.get("client_max_body_size", defaults["client_max_body_size"]),
+                                            _check_service_size),
+        "health_path": entry.check("health_path", raw.get("health_path", defaults["health_path"]), _check_service_path),
+        "api_keys": entry.check("api_keys", raw.get("api_keys", "all"), _check_service_api_keys),
+    }
+    for field in ("connect_timeout", "send_timeout", "read_timeout"):
+        service[field] = entry.check(field, raw[field], _check_service_time) if field in raw else None
+    if kind == "immich_ml":
+        service["tasks"] = _service_tasks(entry, raw.get("tasks", {}), groups, service["hosts"], service["port"])
+        if service["strip_prefix"] is False:
+            entry.fail("strip_prefix", "must be true for kind 'immich_ml' (Immich ML serves /predict at its root)")
+    elif "tasks" in raw:
+        entry.fail("tasks", f"is only valid with kind 'immich_ml', not {_describe(kind)}")
+    service.setdefault("tasks", {})
+    return service
+
+
+def _check_service_conflicts(services: list[dict[str, Any]], models: list[Any], errors: list[str]) -> None:
+    """Names and prefixes are unique; a host's port is used once, by a model or a service."""
+    names: set[str] = set()
+    prefixes: dict[str, str] = {}
+    ports: dict[tuple[str, int], str] = {}
+    for model in models if isinstance(models, list) else []:
+        if isinstance(model, Mapping) and model.get("hosts") and model.get("port"):
+            for host in model["hosts"]:
+                ports[(host, model["port"])] = f"model '{model.get('name')}'"
+    for service in services:
+        name = service.get("name")
+        if not name:
+            continue
+        label = f"{SERVICES}: service '{name}'"
+        # Upstream names spell '-' as '_': "immich-ml" and "immich_ml" would share one.
+        if _service_upstream(name) in names:
+            errors.append(f"{label}: field 'name': '{name}' is used by another service "
+                          f"('-' and '_' count as the same)")
+        names.add(_service_upstream(name))
+        prefix = service.get("prefix")
+        for other, owner in prefixes.items():
+            if prefix and (prefix == other or prefix.startswith(other + "/") or other.startswith(prefix + "/")):
+                errors.append(f"{label}: field 'prefix': {prefix!r} overlaps {other!r} of service '{owner}'")
+        if prefix:
+            prefixes[prefix] = name
+        servers = {(host, service["port"]) for host in service.get("hosts") or [] if service.get("port")}
+        for task in (service.get("tasks") or {}).values():
+            servers |= {(host, task["port"]) for host in task.get("hosts") or [] if task.get("port")}
+        for key in sorted(servers):
+            if key in ports and ports[key] != label:
+                errors.append(f"{label}: field 'port': port {key[1]} on host '{key[0]}' is already used by {ports[key]}")
+            ports.setdefault(key, label)
+
+
+def llm_services_normalize(services: Any, groups: Mapping[str, Any], models: Any = None) -> list[dict[str, Any]]:
+    """Validate llm_services and fill its defaults; `models` (llm_registry) guards against port clashes.
+
+    Raises AnsibleFilterError listing every error of the list in one run.
+    """
+    if services is None:
+        return []
+    if not isinstance(services, list):
+        raise AnsibleFilterError(f"{SERVICES}: must be a list of services, got {_describe(services)}")
+    errors: list[str] = []
+    normalized = [_normalize_service(index, raw, groups, errors) for index, raw in enumerate(services)]
+    _check_service_conflicts(normalized, models or [], errors)
+    if len(errors) == 1:
+        raise AnsibleFilterError(errors[0])
+    if errors:
+        raise AnsibleFilterError(f"{SERVICES}: {len(errors)} errors:\n" + "\n".join(f"  {e}" for e in errors))
+    return normalized
+
+
+def _service_address(hostvars: Mapping[str, Any], host: str, service: str) -> str:
+    """The host's private address, by the registry's rule: llm_private_address, else its default IPv4."""
+    if host not in hostvars:
+        raise AnsibleFilterError(f"{SERVICES}: service '{service}': host '{host}': not found in hostvars")
+    values = hostvars[host]
+    address = values.get("llm_private_address") or ((values.get("ansible_facts") or {}).get("default_ipv4") or {}).get(
+        "address")
+    if not address:
+        raise AnsibleFilterError(f"{SERVICES}: service '{service}': host '{host}': has no address for the gateway: "
+                                 f"gather its facts or set llm_private_address")
+    address = str(address)
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def _service_upstream(name: str) -> str:
+    return "llm_svc_" + name.replace("-", "_")
+
+
+def _check_key_ids(normalized: list[dict[str, Any]], key_ids: list[str]) -> None:
+    """A misspelt key id in api_keys would silently shut its key out: refuse it, with the near miss."""
+    errors = []
+    for service in normalized:
+        for key_id in service["api_keys"] or []:
+            if key_id not in key_ids:
+                close = difflib.get_close_matches(key_id, key_ids, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"ids: {', '.join(key_ids) or 'none'}"
+                errors.append(f"{SERVICES}: service '{service['name']}': field 'api_keys': '{key_id}' is no id "
+                              f"of llm_api_keys ({hint})")
+    if errors:
+        raise AnsibleFilterError("\n".join(errors))
+
+
+def llm_gateway_services(normalized: Any, hostvars: Mapping[str, Any], key_ids: Any = None) -> list[dict[str, Any]]:
+    """What the gateway renders per service: its upstreams (tasks that share servers share one) and routes.
+
+    Each service: name, kind, prefix, strip_prefix, header_names, client_max_body_size, the
+    timeouts, api_keys, upstream (the default servers) and, for immich_ml, tasks: {task: upstream}
+    for every task of IMMICH_TASKS. Upstreams: [{name, servers, health}]. With `key_ids` (the ids
+    of llm_api_keys, when keys are checked) every id in api_keys must be one of them.
+    """
+    if not isinstance(normalized, list):
+        raise AnsibleFilterError("llm_gateway_services: expects the output of llm_services_normalize")
+    if key_ids is not None:
+        _check_key_ids(normalized, [str(key_id) for key_id in key_ids])
+    result = []
+    for service in normalized:
+        base = _service_upstream(service["name"])
+
+        def servers(hosts: list[str], port: int, name: str = service["name"]) -> list[str]:
+            return [f"{_service_address(hostvars, host, name)}:{port}" for host in hosts]
+
+        default = servers(service["hosts"], service["port"])
+        upstreams = [{"name": base, "servers": default, "health": service["health_path"]}]
+        by_servers = {tuple(default): base}
+        tasks = {}
+        for task in IMMICH_TASKS if service["kind"] == "immich_ml" else ():
+            spec = service["tasks"].get(task)
+            group = servers(spec["hosts"], spec["port"]) if spec else default
+            if tuple(group) not in by_servers:
+                by_servers[tuple(group)] = f"{base}_{task}"
+                upstreams.append({"name": f"{base}_{task}", "servers": group, "health": service["health_path"]})
+            tasks[task] = by_servers[tuple(group)]
+        result.append({
+            "name": service["name"], "kind": service["kind"], "prefix": service["prefix"],
+            "strip_prefix": service["strip_prefix"], "header_names": sorted(service["headers"]),
+            "client_max_body_size": service["client_max_body_size"], "connect_timeout": service["connect_timeout"],
+            "send_timeout": service["send_timeout"], "read_timeout": service["read_timeout"],
+            "api_keys": service["api_keys"], "upstream": base, "upstreams": upstreams, "tasks": tasks,
+        })
+    return result
+
+
+def llm_service_router_data(services: Any) -> dict[str, Any]:
+    """What njs needs (routes.js): each service's task -> upstream, and every upstream for /ready."""
+    return {
+        "services": {service["name"]: {"name": service["name"], "tasks": dict(service["tasks"])} for service in services},
+        "upstreams": [{"name": upstream["name"], "servers": list(upstream["servers"]), "health": upstream["health"],
+                       "service": service["name"]} for service in services for upstream in service["upstreams"]],
+    }
+
+
+def llm_service_host_ports(normalized: Any, inventory_hostname: str) -> list[int]:
+    """The ports of the services (and their task groups) that run on one host, for its firewall."""
+    ports: set[int] = set()
+    for service in normalized or []:
+        if inventory_hostname in service["hosts"]:
+            ports.add(service["port"])
+        for task in service["tasks"].values():
+            if inventory_hostname in task["hosts"]:
+                ports.add(task["port"])
+    return sorted(ports)
+
+
+def llm_service_header_var(name: str) -> str:
+    """The nginx variable that carries a service header's value (services-auth.conf)."""
+    return "llm_svc_h_" + re.sub(r"[^a-z0-9]", "_", name.lower())
+
+
 class FilterModule:
     """Ansible entry point."""
 
@@ -814,4 +1173,9 @@ class FilterModule:
             "llm_backend_key_files": llm_backend_key_files,
             "llm_backend_api_keys": llm_backend_api_keys,
             "llm_backend_key_errors": llm_backend_key_errors,
+            "llm_services_normalize": llm_services_normalize,
+            "llm_gateway_services": llm_gateway_services,
+            "llm_service_host_ports": llm_service_host_ports,
+            "llm_service_router_data": llm_service_router_data,
+            "llm_service_header_var": llm_service_header_var,
         }

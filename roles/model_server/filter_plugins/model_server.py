@@ -167,12 +167,15 @@ def probe(model: Mapping[str, Any]) -> dict[str, Any]:
     The path is the registry's (the normalised entry's `paths`), the one the gateway proxies to.
     """
     endpoint = next((endpoint for endpoint in PROBE_BODIES if endpoint in model["endpoints"]), None)
+    if endpoint is None and any(endpoint.startswith("audio_") for endpoint in model["endpoints"]):
+        # An audio-only model takes multipart uploads only: its model list proves the served name.
+        return {"path": f"{model['api_prefix']}/models", "method": "GET", "body": None}
     if endpoint is None:
         raise AnsibleFilterError(f"model_server: model '{model['name']}': no ready probe for endpoints "
                                  f"{', '.join(model['endpoints'])}")
     # A copy: plans that shared the nested lists would render as YAML anchors in a dump.
     body = copy.deepcopy(PROBE_BODIES[endpoint])
-    return {"path": model["paths"][endpoint], "body": {"model": model["name"], **body}}
+    return {"path": model["paths"][endpoint], "method": "POST", "body": {"model": model["name"], **body}}
 
 
 def _environment(model: Mapping[str, Any], settings: Mapping[str, Any], runtime: str) -> list[list[str]]:

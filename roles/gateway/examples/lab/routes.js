@@ -1,5 +1,5 @@
 // Ansible managed (roles/gateway/examples/lab: the lab registry rendered)
-// Generated from the model registry (llm_registry); router.js imports it.
+// Generated from the model registry (llm_registry) and llm_services; router.js imports it.
 export default {
   "cache": {
     "path": "/var/cache/nginx/llm",
@@ -7,36 +7,54 @@ export default {
   },
   "endpoints": [
     {
+      "body": "json",
       "name": "chat",
       "path": "/v1/chat/completions"
     },
     {
+      "body": "json",
       "name": "completions",
       "path": "/v1/completions"
     },
     {
+      "body": "json",
       "name": "embeddings",
       "path": "/v1/embeddings"
     },
     {
+      "body": "json",
       "name": "rerank",
       "path": "/v1/rerank"
     },
     {
+      "body": "json",
       "name": "responses",
       "path": "/v1/responses"
     },
     {
+      "body": "json",
       "name": "score",
       "path": "/v1/score"
     },
     {
+      "body": "json",
       "name": "tokenize",
       "path": "/tokenize"
     },
     {
+      "body": "json",
       "name": "detokenize",
       "path": "/detokenize"
+    },
+    {
+      "body": "multipart",
+      "name": "audio_transcriptions",
+      "path": "/v1/audio/transcriptions"
+    },
+    {
+      "body": "multipart",
+      "name": "audio_translations",
+      "path": "/v1/audio/translations"
     }
   ],
   "maxBodySize": "16m",
@@ -135,6 +153,8 @@ export default {
       "upstream": "llm_embed_small"
     }
   },
+  "serviceUpstreams": [],
+  "services": {},
   "upstreams": [
     {
       "model": "chat-large",
