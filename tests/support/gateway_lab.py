@@ -32,6 +32,7 @@ from typing import Any
 
 import bcrypt
 import gateway_api_keys
+import gateway_health
 import gateway_model_patterns
 import jinja2
 import llm_registry
@@ -223,7 +224,7 @@ def model(name: str, hosts: list[str], port: int, endpoints: Iterable[str] = ("c
 def _filters() -> dict[str, Any]:
     """Every filter of the roles' plugins, plus the few of Ansible's the templates use."""
     filters: dict[str, Any] = {}
-    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys):
+    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys, gateway_health):
         filters.update(plugin.FilterModule().filters())
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
@@ -299,6 +300,9 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
         # The tests of routing send no key; the security tests turn keys on.
         "gateway_api_keys_required": False,
         "gateway_http_api": "serve",
+        # Server lines inline; tests of the health agent render its includes (tests/support/health_agent.py).
+        "gateway_health_checks": False,
+        "__gateway_nginx_user": getpass.getuser(),
         **{k: v for k, v in overrides.items() if not k.startswith("__")},
     }
     values = role_variables(env, context)
