@@ -299,6 +299,8 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
         # The tests of routing send no key; the security tests turn keys on.
         "gateway_api_keys_required": False,
         "gateway_http_api": "serve",
+        # No health agent runs beside these gateways: /ready probes (test_readiness starts one).
+        "gateway_health_checks": False,
         **{k: v for k, v in overrides.items() if not k.startswith("__")},
     }
     values = role_variables(env, context)
