@@ -189,7 +189,8 @@ def test_a_stopped_agent_is_503_saying_so_and_a_missing_state_file_too(agent: La
     agent.stop_agent()
     # The last state file still says every model is live: only its age tells.
     took, body = wait_until(body_if(503, agent), STALE_AFTER + 2, "503 once the state file is stale")
-    assert STALE_AFTER - 1 <= took
+    # Its time is to the second and it was written up to a round before the stop.
+    assert STALE_AFTER - 2 <= took
     assert body["unavailable"] == []
     assert body["message"].startswith("The health agent is not running: its state file ")
     assert f"(stale after {STALE_AFTER} s)" in body["agent"]["error"]

@@ -118,6 +118,7 @@ class PhaseResult:
     started: float
     ended: float | None = None
     by_kind: dict[str, Counts] = field(default_factory=dict)
+    by_model: dict[str, Counts] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     more_failures: int = 0
 
@@ -405,17 +406,19 @@ class LoadGenerator:
     def begin(self, workload: Workload) -> tuple[str, float]:
         """The phase a request starting now belongs to; counts it as sent."""
         with self.lock:
-            self.phases[self.current].by_kind.setdefault(workload.kind, Counts()).sent += 1
+            phase = self.phases[self.current]
+            phase.by_kind.setdefault(workload.kind, Counts()).sent += 1
+            phase.by_model.setdefault(workload.model, Counts()).sent += 1
             return self.current, time.monotonic()
 
     def record(self, phase: str, started: float, workload: Workload, outcome: Outcome, retried: bool) -> None:
         with self.lock:
             result = self.phases[phase]
-            counts = result.by_kind[workload.kind]
-            setattr(counts, outcome.result, getattr(counts, outcome.result) + 1)
-            counts.streams += outcome.stream
-            counts.streams_cut += outcome.cut
-            counts.retried += retried
+            for counts in (result.by_kind[workload.kind], result.by_model[workload.model]):
+                setattr(counts, outcome.result, getattr(counts, outcome.result) + 1)
+                counts.streams += outcome.stream
+                counts.streams_cut += outcome.cut
+                counts.retried += retried
             if outcome.result == "failed":
                 if len(result.failures) < MAX_FAILURES:
                     result.failures.append(Failure(workload.kind, workload.model, started - result.started,
@@ -428,6 +431,7 @@ class LoadGenerator:
         with self.lock:
             return {name: PhaseResult(p.name, p.started, p.ended,
                                       {k: Counts(**vars(c)) for k, c in p.by_kind.items()},
+                                      {m: Counts(**vars(c)) for m, c in p.by_model.items()},
                                       list(p.failures), p.more_failures)
                     for name, p in self.phases.items() if name != NO_PHASE or p.by_kind}
 
