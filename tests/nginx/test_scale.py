@@ -107,8 +107,20 @@ def test_thousand_models_routed_by_nginx_alone(tmp_path: Path, base_port: int,
               f"reload {reload_time:.2f} s; {sent} names routed by nginx alone")
 
 
+def wait_for_text(path: Path, timeout: float = 5) -> bool:
+    """Whether `path` holds something within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def reload(proc: subprocess.Popen[bytes], pid_file: Path, port: int) -> float:
     """A graceful reload: seconds until a new worker serves."""
+    # nginx writes its pid file after it answers: wait for the number, not only the port.
+    assert wait_for_text(pid_file), f"{pid_file} stayed empty"
     before = workers(int(pid_file.read_text()))
     started = time.monotonic()
     subprocess.run([NGINX, "-p", str(pid_file.parent.parent), "-c", str(pid_file.parent.parent / "nginx.conf"),

@@ -122,13 +122,13 @@ def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory):
                                                     lambda: frozen.check_output(f"kill -CONT {pid}"))
         with load.phase(FAILURES[2]):
             times[FAILURES[2]] = failure_and_return(
-                gateway, gpu3, 8101, lambda: subprocess.run(["docker", "stop", "--time", "5", "mol-gpu3"], check=True),
+                gateway, gpu3, 8101, lambda: subprocess.run(["docker", "stop", "-t", "5", "mol-gpu3"], check=True),
                 lambda: subprocess.run(["docker", "start", "mol-gpu3"], check=True))
     print("\n" + load.report())
     for phase, measured in times.items():
         print(f"{phase}: out of rotation after {measured['down']} s, back {measured['back']} s after it served again")
     for phase, result in played.items():
-        for line in re.findall(r"rollout of .*?overhead beyond the deploy [0-9.]+ s", result.stdout, re.S):
+        for line in re.findall(r"rollout of mol-[\w-]+ \(.*?overhead beyond the deploy\s+[0-9.]+ s", result.stdout, re.S):
             print(f"{phase}: {' '.join(line.split())}")
     return load.results(), played, times
 
