@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,3 +319,29 @@ def test_the_metrics_listener_answers_the_allowed_addresses_only(lab: Lab) -> No
         assert get("127.0.0.9", path).startswith(b"HTTP/1.1 403"), path
     # The metrics listener logs nothing, so scrapes never count as requests.
     assert not any(entry["path"].startswith("/metrics") for entry in lab.gateway.access_log())
+
+
+def test_blackbox_probe_reads_the_gateway_certificate_s_expiry(gateway: Gateway, tmp_path: Path) -> None:
+    """The role's blackbox module against the shared gateway's TLS port: the expiry the alert reads."""
+    reason = monitoring_lab.missing("prometheus-blackbox-exporter")
+    if reason:
+        pytest.skip(reason)
+    paths = monitoring_lab.render(tmp_path, {})
+    port = free_port()
+    proc = subprocess.Popen(["prometheus-blackbox-exporter", f"--config.file={paths['blackbox']}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=log_file(tmp_path, "blackbox"))
+    try:
+        wait_for_port(port, proc)
+        url = f"http://127.0.0.1:{port}/probe?module=llm_tls&target=127.0.0.1:{gateway.https_port}"
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 - loopback
+            text = answer.read().decode()
+    finally:
+        stop(proc)
+    values = {name: float(value) for name, value in
+              (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+    assert values["probe_success"] == 1
+    not_after = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(gateway.root / "llm" / "gateway.crt")],
+                               capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+    expected = datetime.datetime.strptime(not_after, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=datetime.UTC)
+    assert values["probe_ssl_earliest_cert_expiry"] == expected.timestamp()

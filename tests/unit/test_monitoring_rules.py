@@ -139,3 +139,25 @@ def test_prometheus_config_passes_promtool_check(tmp_path: Path) -> None:
     checked = monitoring_lab.promtool("check", "config", str(paths["config"]))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "password_file" in paths["config"].read_text() and "secret" not in paths["config"].read_text()
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    """Each panel's expr parsed by promtool (as a recording rule); the host test runs them for data."""
+    queries = monitoring_lab.dashboard_queries()
+    assert len(queries) >= 10
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{index}", "expr": monitoring_lab.dashboard_expr(expr)}
+        for index, expr in enumerate(queries)]}]}
+    (tmp_path / "dashboard.rules.yml").write_text(yaml.safe_dump(rules))
+    checked = monitoring_lab.promtool("check", "rules", str(tmp_path / "dashboard.rules.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_dashboard_panels_cover_the_issue_s_views() -> None:
+    """Per-model traffic, errors, latency, overhead and upstream state each have a panel."""
+    queries = " ".join(monitoring_lab.dashboard_queries())
+    for metric in ("llm_gateway_requests_total", "llm_gateway_request_duration_seconds_bucket",
+                   "llm_gateway_upstream_header_seconds_bucket", "llm_gateway_overhead_seconds_bucket",
+                   "llm_gateway_upstream_server_live", "llm_gateway_model_live_servers", "nginx_connections_active",
+                   'up{job="llm_model_servers"'):
+        assert metric in queries, metric
