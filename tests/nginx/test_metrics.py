@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import http.client
 import json
 import secrets
 import socket
@@ -31,7 +32,7 @@ import llm_registry
 import monitoring_lab
 import pytest
 from conftest import chat
-from gateway_lab import (Backend, Gateway, free_port, model, nginx_missing, render_gateway, start_backend,
+from gateway_lab import (Backend, Gateway, basic_auth, free_port, model, nginx_missing, render_gateway, start_backend,
                          start_nginx, stop, wait_for_port)
 
 HOSTS = {"gpu-a": "127.0.0.2", "gpu-b": "127.0.0.3", "gpu-c": "127.0.0.4"}
@@ -159,7 +160,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         subprocess.run(["nginx", "-p", str(root), "-c", str(conf), "-s", "reload"], check=True)
         groups = {"all": sorted(HOSTS), "llm_gpu_hosts": sorted(HOSTS)}
         registry = llm_registry.llm_registry_normalize(models, groups)
-        hostvars: dict[str, dict[str, Any]] = {host: {"llm_private_address": address} for host, address in HOSTS.items()}
+        hostvars: dict[str, dict[str, Any]] = {host: {"llm_private_address": address}
+                                               for host, address in HOSTS.items()}
         hostvars["gw-test"] = {"llm_private_address": "127.0.0.1", "gateway_metrics_port": metrics_port,
                                "gateway_https_port": 0}
         upstreams = llm_registry.llm_gateway_upstreams(registry, hostvars)
@@ -290,7 +292,8 @@ def test_no_live_server_alert_fires_within_its_for_window(lab: Lab) -> None:
     # ...and firing once `for` has passed: the first firing sample of ALERTS (a range query
     # sees a sample only from the next step after it: 0.2 s here).
     history = monitoring_lab.api(lab.prometheus, "query_range",
-                                 query='ALERTS{alertname="LLMModelNoLiveServer",alertstate="firing",model="down-model"}',
+                                 query='ALERTS{alertname="LLMModelNoLiveServer",alertstate="firing",'
+                                       'model="down-model"}',
                                  start=str(lab.prometheus_started), end=str(fired_by + 1), step="0.2")["result"]
     first_firing = float(history[0]["values"][0][0])
     window = float(NO_LIVE_FOR.rstrip("s"))
@@ -341,7 +344,36 @@ def test_blackbox_probe_reads_the_gateway_certificate_s_expiry(gateway: Gateway,
     values = {name: float(value) for name, value in
               (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
     assert values["probe_success"] == 1
-    not_after = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(gateway.root / "llm" / "gateway.crt")],
+    certificate = gateway.root / "llm" / "gateway.crt"
+    not_after = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(certificate)],
                                capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
     expected = datetime.datetime.strptime(not_after, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=datetime.UTC)
     assert values["probe_ssl_earliest_cert_expiry"] == expected.timestamp()
+
+
+def test_metrics_basic_auth_asks_for_an_admin_user(tmp_path: Path) -> None:
+    """gateway_metrics_basic_auth: the allowed addresses also need a user of gateway_admin_users."""
+    if nginx_missing():
+        pytest.skip(str(nginx_missing()))
+    http_port, metrics_port = free_port(), free_port()
+    health_file = tmp_path / "health.prom"
+    health_file.write_text("llm_gateway_health_pending 0\n")
+    conf = render_gateway(tmp_path, [model("chat-small", ["gpu-a"], free_port(HOSTS["gpu-a"]))], HOSTS,
+                          gateway_http_port=http_port, gateway_https_port=0, gateway_metrics_port=metrics_port,
+                          gateway_metrics_address="127.0.0.1", gateway_metrics_basic_auth=True,
+                          gateway_metrics_stub_status_port=free_port(), gateway_metrics_health_file=str(health_file),
+                          gateway_admin_users=[{"name": "scraper", "password": "scraper-password"}])
+    proc = start_nginx(conf, http_port)
+    try:
+        def status(headers: dict[str, str]) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=5)
+            connection.request("GET", "/metrics/health", headers=headers)
+            answer = connection.getresponse()
+            answer.read()
+            connection.close()
+            return answer.status
+        assert status({}) == 401
+        assert status({"Authorization": basic_auth("scraper", "wrong")}) == 401
+        assert status({"Authorization": basic_auth("scraper", "scraper-password")}) == 200
+    finally:
+        stop(proc)

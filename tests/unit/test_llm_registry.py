@@ -617,7 +617,7 @@ def test_filter_module_exposes_all_filters() -> None:
         "llm_api_endpoints", "llm_gateway_cached_routes", "llm_backend_key_files", "llm_backend_api_keys",
         "llm_backend_key_errors",
         "llm_services_normalize", "llm_gateway_services", "llm_service_host_ports", "llm_service_router_data",
-        "llm_service_header_var",
+        "llm_service_header_var", "llm_private_addresses",
     }
 
 
