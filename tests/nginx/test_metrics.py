@@ -32,8 +32,8 @@ import llm_registry
 import monitoring_lab
 import pytest
 from conftest import chat
-from gateway_lab import (Backend, Gateway, basic_auth, free_port, model, nginx_missing, render_gateway, start_backend,
-                         start_nginx, stop, wait_for_port)
+from gateway_lab import (REPO, Backend, Gateway, basic_auth, free_port, model, nginx_missing, render_gateway,
+                         start_backend, start_nginx, stop, wait_for_port)
 
 HOSTS = {"gpu-a": "127.0.0.2", "gpu-b": "127.0.0.3", "gpu-c": "127.0.0.4"}
 KEYS = {"team-a": {"key": secrets.token_urlsafe(24), "models": "all"},
@@ -377,3 +377,15 @@ def test_metrics_basic_auth_asks_for_an_admin_user(tmp_path: Path) -> None:
         assert status({"Authorization": basic_auth("scraper", "scraper-password")}) == 200
     finally:
         stop(proc)
+
+
+def test_the_role_s_mtail_check_accepts_its_program_and_refuses_a_broken_one(lab: Lab, tmp_path: Path) -> None:
+    """files/llm-gateway-mtail-check, the template's validate: mtail alone passes over a file not named *.mtail."""
+    check = REPO / "roles" / "gateway" / "files" / "llm-gateway-mtail-check"
+    program = (lab.root / "llm" / "llm_gateway.mtail").read_text()
+    candidate = tmp_path / "tmp1a2b3c"  # the kind of name Ansible's temporary file has
+    candidate.write_text(program)
+    assert subprocess.run([str(check), str(candidate)], capture_output=True, check=False).returncode == 0
+    candidate.write_text(program.replace("llm_gateway_refused_total[", "llm_gateway_refused_totl["))
+    refused = subprocess.run([str(check), str(candidate)], capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "llm_gateway_refused_totl" in refused.stderr
