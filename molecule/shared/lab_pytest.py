@@ -139,9 +139,10 @@ class Backend:
     model: dict
 
     def received(self) -> list[dict]:
-        """Every request but the gateway's health probes (GET /health), which are not API traffic."""
+        """Every request but the gateway's health probes (readiness's GET /health, the agent's checks)."""
         records = requests.get(f"{self.url}/_test/requests", timeout=5).json()
-        return [r for r in records if (r["method"], r["path"]) != ("GET", "/health")]
+        return [r for r in records if (r["method"], r["path"]) != ("GET", "/health")
+                and r["headers"].get("user-agent") != ["llm-gateway-health"]]
 
     def clear(self) -> None:
         requests.delete(f"{self.url}/_test/requests", timeout=5).raise_for_status()

@@ -14,7 +14,9 @@ those without /v1). It adds what tests need from a backend:
   - with --api-key-env NAME (and NAME set), the API paths under the prefix need
     `Authorization: Bearer $NAME`, as vLLM's --api-key guards /v1 (see `needs_key`);
     the key is read from the environment so it never shows in `ps` or a unit;
-  - faults on demand (POST /_test/behaviour: fail, hang, slow) for retry/timeout tests;
+  - faults on demand (POST /_test/behaviour: fail, hang, slow) for retry/timeout tests,
+    and a connection dropped without an answer for any request whose "user" is
+    "_test_drop_connection" (what a client can make a crashing engine do);
   - multipart bodies are recorded part by part (name, filename, length, sha256), and
     vLLM's /v1/audio/transcriptions and /translations answer {"text"} by the form's model;
   - with --service qdrant or immich-ml it stands in for the services the gateway puts
@@ -60,6 +62,8 @@ MAX_RECORDS = 10_000  # enough for any test; bounded so a soak test cannot exhau
 MAX_BODY = 64 * 1024 * 1024
 HANG_LIMIT = 600.0
 MODES = ("ok", "fail", "hang", "slow")
+# A request with this "user" is dropped without an answer (a client-caused backend failure).
+DROP_USER = "_test_drop_connection"
 SERVICES = ("qdrant", "immich-ml")
 MAX_MODEL_LEN = 4096  # what /tokenize reports; nothing here enforces a context length
 CHAT_LIMITS = ("max_completion_tokens", "max_tokens")  # the newer name wins, as in vLLM
@@ -840,6 +844,11 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise ClientError(400, "request body must be a JSON object", "invalid_request_error")
         model = self.check_model(request)
+        if request.get("user") == DROP_USER:
+            # What a crashing engine does to a request it cannot take; any client can send it.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         route, (answer, stream) = found
         if request.get("stream") is True:
             if stream is None:

@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gateway_health
 import health_agent
-import pytest
 import llm_registry
+import pytest
 from gateway_lab import (NGINX, Backend, free_port, model, nginx_missing, nginx_test, render_gateway, start_backend,
                          start_nginx, stop, write_nginx_conf)
 
@@ -270,34 +271,39 @@ def test_cli_refuses_draining_the_last_server_of_a_model(lab: Lab) -> None:
 
 
 
-def test_the_includes_are_the_role_s_server_lines_and_pass_its_nginx_check(tmp_path: Path) -> None:
-    """The role's gateway.conf with each upstream's server lines swapped for the agent's include."""
+def test_the_role_s_upstreams_include_the_agent_s_server_lines_and_pass_nginx_t(tmp_path: Path) -> None:
+    """gateway.conf with health checks on, the agent's config from the role's filter, `render`, nginx -t."""
     reason = nginx_missing()
     if reason:
         pytest.skip(reason)
     hosts = {"gpu-a": "127.0.0.25", "gpu-b": "127.0.0.26", "gpu-c": "127.0.0.27"}
     models = [model("chat", [{"host": "gpu-a", "weight": 3}, "gpu-b", {"host": "gpu-c", "backup": True}], 8001),
               model("embed", ["gpu-c"], 8002, endpoints=["embeddings"], api_prefix="")]
-    conf = render_gateway(tmp_path, models, hosts, gateway_http_port=free_port(), gateway_https_port=0)
+    conf = render_gateway(tmp_path, models, hosts, gateway_http_port=free_port(), gateway_https_port=0,
+                          gateway_health_checks=True)
     normalized = llm_registry.llm_registry_normalize(models, {"all": sorted(hosts), "llm_gpu_hosts": sorted(hosts)})
     upstreams = llm_registry.llm_gateway_upstreams(
         normalized, {host: {"llm_private_address": address} for host, address in hosts.items()})
-    config = AGENT.parse_config(health_agent.config(tmp_path, [
-        {"name": u["name"], "model": u["model"], "peers": u["peers"]} for u in upstreams],
-        include_dir=str(tmp_path / "llm" / "upstreams")))
-    AGENT.render_once(config)
-    gateway_conf = tmp_path / "llm" / "gateway.conf"
-    text = gateway_conf.read_text()
+    raw = gateway_health.llm_gateway_health_config(upstreams, normalized, ["chat"], {
+        "key_dir": "/etc/llm-gateway-health/keys", "include_dir": str(tmp_path / "llm" / "upstreams"),
+        "state_file": str(tmp_path / "state.json"), "drain_file": str(tmp_path / "drain.json"),
+        "interval": 5, "timeout": 2, "rise": 2, "fall": 3, "min_reload_interval": 10, "max_fails": 0,
+        "fail_timeout": "10s", "nginx_user": "www-data"})
+    assert [u["api_key_file"] for u in raw["upstreams"]] == ["/etc/llm-gateway-health/keys/chat.key", None]
+    assert [u["api_prefix"] for u in raw["upstreams"]] == ["/v1", ""]
+    config = AGENT.parse_config(raw)
+    text = (tmp_path / "llm" / "gateway.conf").read_text()
     for upstream in upstreams:
-        block = re.search(rf"upstream {upstream['name']} {{\n    # model: .*\n(?:    least_conn;\n)?"
-                          r"((?:    server .*;\n)+)", text)
-        assert block, upstream["name"]
-        lines = (tmp_path / "llm" / "upstreams" / f"{upstream['name']}.servers.conf").read_text().splitlines()
-        # Nothing down: the agent writes exactly what the template wrote.
-        assert ["    " + line for line in lines[1:]] == block.group(1).splitlines()
-        text = text.replace(block.group(1), f"    include llm/upstreams/{upstream['name']}.servers.conf;\n")
-    gateway_conf.write_text(text)
-    assert nginx_test(conf).returncode == 0, nginx_test(conf).stderr
+        assert f"    include llm/upstreams/{upstream['name']}.servers.conf;\n" in text
+    assert "    server " not in text.split("map ")[0], "no server line is left in the upstream blocks"
+    # render_gateway wrote the includes as the role does (its own filter call): nothing changes.
+    assert AGENT.render_once(config) == []
+    lines = (tmp_path / "llm" / "upstreams" / "llm_chat.servers.conf").read_text().splitlines()[1:]
+    assert lines == ["server 127.0.0.25:8001 weight=3 max_fails=0 fail_timeout=10s;",
+                     "server 127.0.0.26:8001 max_fails=0 fail_timeout=10s;",
+                     "server 127.0.0.27:8001 max_fails=0 fail_timeout=10s backup;"]
+    check = nginx_test(conf)
+    assert check.returncode == 0, check.stderr
     # Down and drained servers, a backup among them, and a model with none left.
     AGENT.write_drains(config.drain_file, [AGENT.Drain("127.0.0.25:8001"), AGENT.Drain("127.0.0.27")])
     assert AGENT.render_once(config) == ["llm_chat", "llm_embed"]

@@ -27,7 +27,7 @@ def render(root: Path) -> Path:
                           llm_api_keys=[{"id": "lab", "key": "stand-in-for-the-generated-lab-key", "models": "all"}],
                           gateway_admin_users=[{"name": "admin", "password": "stand-in"}],
                           gateway_listen_address="", gateway_access_log="/var/log/nginx/llm-access.log",
-                          gateway_cache_path="/var/cache/nginx/llm",
+                          gateway_cache_path="/var/cache/nginx/llm", gateway_health_checks=True,
                           ansible_managed="Ansible managed (roles/gateway/examples/lab: the lab registry rendered)")
 
 

@@ -1,6 +1,7 @@
 """The gateway's metrics end to end on this host: the role's nginx, mtail program and
-metrics listener, Debian's mtail and prometheus-nginx-exporter, the health agent, and a
-real Prometheus configured by the monitoring role's templates and filter.
+metrics listener, Debian's mtail and prometheus-nginx-exporter, the health agent steering
+this nginx as the role runs it, and a real Prometheus configured by the monitoring role's
+templates and filter.
 
 A known number of requests per model, key and outcome goes through the gateway; then
 Prometheus' HTTP API must return exactly those counts, the histograms must have their
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gateway_health
 import health_agent
 import llm_monitoring
 import llm_registry
@@ -88,17 +90,38 @@ def start_exporter(root: Path, stub_status_port: int) -> tuple[subprocess.Popen[
 
 def start_agent(root: Path, registry: list[dict[str, Any]], upstreams: list[dict[str, Any]],
                 conf: Path) -> subprocess.Popen[bytes]:
-    """The health agent over the registry's upstreams; its state and metrics under root/health."""
-    models = {entry["name"]: entry for entry in registry}
+    """The health agent as the role configures it (its filter), steering this nginx; state under root/health.
+
+    Returns once nginx runs with the agent's view (down-model's one server out), so that every
+    request sent afterwards meets the same gateway.
+    """
     config = root / "agent.json"
-    config.write_text(json.dumps(health_agent.config(root / "health", [
-        {"name": u["name"], "model": u["model"], "peers": u["peers"],
-         "served_names": models[u["model"]]["served_names"], "api_prefix": models[u["model"]]["api_prefix"]}
-        for u in upstreams], interval=1, timeout=1, rise=1, fall=1, min_reload_interval=1, nginx_user=None,
-        nginx_test=["nginx", "-t", "-q", "-p", str(root), "-c", str(conf)],
-        nginx_reload=["nginx", "-p", str(root), "-c", str(conf), "-s", "reload"])))
-    return subprocess.Popen([sys.executable, str(health_agent.AGENT), "run", "--config", str(config)],
+    settings = gateway_health.llm_gateway_health_config(upstreams, registry, [], {
+        "key_dir": str(root / "keys"), "include_dir": str(root / "llm" / "upstreams"),
+        "state_file": str(root / "health" / "state.json"), "drain_file": str(root / "drain.json"),
+        "interval": 1, "timeout": 0.5, "rise": 1, "fall": 1, "min_reload_interval": 1, "max_fails": 0,
+        "fail_timeout": "10s", "nginx_user": None})
+    # This nginx, not the system's.
+    settings.update(nginx_test=["nginx", "-t", "-q", "-p", str(root), "-c", str(conf)],
+                    nginx_reload=["nginx", "-p", str(root), "-c", str(conf), "-s", "reload"])
+    config.write_text(json.dumps(settings))
+    proc = subprocess.Popen([sys.executable, str(health_agent.AGENT), "run", "--config", str(config)],
                             stderr=log_file(root, "agent"))
+    state_file = root / "health" / "state.json"
+
+    def applied() -> bool:
+        if not state_file.exists():
+            return False
+        state = json.loads(state_file.read_text())
+        servers = {u["model"]: u["servers"] for u in state["upstreams"]}
+        return not state["pending"] and [s["nginx"] for s in servers["down-model"]] == ["down"] and \
+            all(s["nginx"] == "up" for s in servers["chat-small"] + servers["embed-small"])
+    deadline = time.monotonic() + 20
+    while not applied():
+        assert time.monotonic() < deadline and proc.poll() is None, (root / "agent.log").read_text()
+        time.sleep(0.2)
+    time.sleep(0.5)  # the reload's new workers take over
+    return proc
 
 
 def send(gw: Gateway, unknown: str) -> None:
@@ -146,7 +169,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                               gateway_metrics_stub_status_port=stub_port,
                               gateway_metrics_mtail_port=mtail_placeholder,
                               gateway_metrics_exporter_port=exporter_placeholder,
-                              gateway_metrics_health_file=str(root / "health" / "metrics.prom"))
+                              gateway_metrics_health_file=str(root / "health" / "metrics.prom"),
+                              # The agent's server lines in the upstreams, as the role writes them.
+                              gateway_health_checks=True,
+                              __gateway_health_state_file=str(root / "health" / "state.json"))
         gw = Gateway(root, http_port, 0, backends)
         gw.procs.append(start_nginx(conf, http_port))
         mtail, mtail_port = start_mtail(root)
@@ -240,7 +266,8 @@ def test_a_client_cannot_add_series_with_the_names_it_sends(lab: Lab) -> None:
 
 
 def test_histograms_have_a_sample_per_proxied_request(lab: Lab) -> None:
-    # Every request a server answered (8 + 6) and the 3 whose connect was refused.
+    # Every request a server answered (8 + 6), and down-model's 3: nginx found no live server
+    # (the agent took its one out) and logs an upstream time of 0.000 for them.
     proxied = 8 + 6 + 3
     for histogram in ("llm_gateway_overhead_seconds", "llm_gateway_request_duration_seconds"):
         found = settled(lab, f"sum({histogram}_count)", {(): float(proxied)})

@@ -32,6 +32,8 @@ from typing import Any
 
 import bcrypt
 import gateway_api_keys
+import gateway_health
+import health_agent
 import gateway_model_patterns
 import jinja2
 import llm_registry
@@ -223,7 +225,7 @@ def model(name: str, hosts: list[str], port: int, endpoints: Iterable[str] = ("c
 def _filters() -> dict[str, Any]:
     """Every filter of the roles' plugins, plus the few of Ansible's the templates use."""
     filters: dict[str, Any] = {}
-    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys):
+    for plugin in (llm_registry, gateway_model_patterns, gateway_api_keys, gateway_health):
         filters.update(plugin.FilterModule().filters())
     filters["to_nice_json"] = lambda value, indent=4, sort_keys=True: json.dumps(value, indent=indent,
                                                                                  sort_keys=sort_keys)
@@ -299,6 +301,10 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
         # The tests of routing send no key; the security tests turn keys on.
         "gateway_api_keys_required": False,
         "gateway_http_api": "serve",
+        # Server lines inline and /ready probing: no agent runs beside these gateways (the health
+        # tests render its includes and start one: tests/support/health_agent.py).
+        "gateway_health_checks": False,
+        "__gateway_nginx_user": getpass.getuser(),
         **{k: v for k, v in overrides.items() if not k.startswith("__")},
     }
     values = role_variables(env, context)
@@ -327,6 +333,11 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
         f"{user['name']}:{bcrypt.hashpw(user['password'].encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
         for user in values["gateway_admin_users"]))
     shutil.copy(MIME_TYPES, root / "mime.types")
+    if values["gateway_health_checks"]:
+        # As the role does before it checks gateway.conf: the agent's server lines, from its config.
+        config = {**values["__gateway_health_config"], "include_dir": str(conf_dir / "upstreams"),
+                  "state_file": str(values["__gateway_health_state_file"]), "drain_file": str(root / "drain.json")}
+        health_agent.load().render_once(health_agent.load().parse_config(config))
     if values["gateway_https_port"] and not (conf_dir / "gateway.key").exists():
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                         "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(conf_dir / "gateway.key"),

@@ -547,3 +547,12 @@ def test_cli_wait_idle_with_no_connection(tmp_path: Path, capsys: pytest.Capture
     assert cli(config, "wait-idle", "--server", "10.0.0.2:8001", "--timeout", "1") == 0
     assert "10.0.0.2:8001: no connection from nginx left" in capsys.readouterr().out
 
+
+
+def test_cli_wait_idle_on_a_server_no_longer_configured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After the reload that dropped a server, old workers may still finish requests on it."""
+    config = write_config(tmp_path)
+    assert cli(config, "wait-idle", "--server", "10.0.0.9:8009", "--timeout", "1") == 0
+    assert "10.0.0.9:8009: no connection from nginx left" in capsys.readouterr().out
+    assert cli(config, "wait-idle", "--server", "10.0.0.9", "--timeout", "1") == 2
+    assert "no server 10.0.0.9 on this gateway" in capsys.readouterr().err

@@ -617,8 +617,28 @@ def test_filter_module_exposes_all_filters() -> None:
         "llm_api_endpoints", "llm_gateway_cached_routes", "llm_backend_key_files", "llm_backend_api_keys",
         "llm_backend_key_errors",
         "llm_services_normalize", "llm_gateway_services", "llm_service_host_ports", "llm_service_router_data",
-        "llm_service_header_var", "llm_private_addresses",
+        "llm_service_header_var", "llm_host_servers", "llm_agent_servers",
+        "llm_private_addresses",
     }
+
+
+def test_host_servers_give_each_model_s_address_as_the_gateways_name_it() -> None:
+    models = reg.llm_registry_normalize([
+        {"name": "chat", "engine": "command", "command": "x", "endpoints": ["chat"], "hosts": ["gpu1", "gpu2"],
+         "port": 8001},
+        {"name": "embed", "engine": "command", "command": "x", "endpoints": ["embeddings"], "hosts": ["gpu2"],
+         "port": 8002}], {"all": ["gpu1", "gpu2"]})
+    hostvars = {"gpu1": {"llm_private_address": "10.0.0.1"}, "gpu2": {"llm_private_address": "fd00::2"}}
+    assert reg.llm_host_servers(models, hostvars, "gpu2") == [
+        {"model": "chat", "upstream": "llm_chat", "peers": 2, "address": "[fd00::2]:8001",
+         "key": "chat [fd00::2]:8001"},
+        {"model": "embed", "upstream": "llm_embed", "peers": 1, "address": "[fd00::2]:8002",
+         "key": "embed [fd00::2]:8002"}]
+    routed = reg.llm_agent_servers({"upstreams": [
+        {"model": "chat", "peers": [{"address": "10.0.0.1:8001"}, {"address": "[fd00::2]:8001"}]}]})
+    assert routed == ["chat 10.0.0.1:8001", "chat [fd00::2]:8001"]
+    with pytest.raises(reg.AnsibleFilterError, match="health agent's configuration"):
+        reg.llm_agent_servers({"models": []})
 
 
 # --- backend API keys -------------------------------------------------------------------------

@@ -634,25 +634,121 @@ function probe(address, path) {
         });
 }
 
+/* One upstream's servers asked now, the way /ready works without the health agent. */
+function probed(upstream) {
+    return Promise.all(upstream.servers.map(function (address) {
+        return probe(address, upstream.health);
+    })).then(function (servers) {
+        var entry = {upstream: upstream.name, live: servers.filter(function (s) { return s.healthy; }).length,
+                     servers: servers};
+        entry[upstream.service ? 'service' : 'model'] = upstream.service || upstream.model;
+        return entry;
+    });
+}
+
+// What /ready shows of each server in the agent's state file (HEALTH.md, "The state file").
+var AGENT_SERVER_FIELDS = ['address', 'weight', 'backup', 'state', 'since', 'drained', 'live', 'nginx',
+                           'last_failure', 'last_failure_at', 'checked_at'];
+
+// The agent's times: ISO 8601 in UTC to the second ("2026-12-02T13:01:25+00:00").
+var ISO_TIME = /^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.\d+)?(?:Z|([+-])(\d\d):(\d\d))$/;
+
+/* Milliseconds since the epoch, or NaN: njs 0.7.9's Date.parse() refuses a "+00:00" offset. */
+function isoTime(text) {
+    var m = ISO_TIME.exec(String(text));
+    var offset;
+    if (m === null) {
+        return NaN;
+    }
+    offset = m[7] ? (m[7] === '-' ? -1 : 1) * (Number(m[8]) * 60 + Number(m[9])) * 60000 : 0;
+    return Date.UTC(Number(m[1]), Number(m[2]) - 1, Number(m[3]), Number(m[4]), Number(m[5]), Number(m[6])) - offset;
+}
+
 /*
- * Readiness: asks every server's /health now. nginx itself keeps no health
- * state that njs could read on 0.7.9; this view is for operators and probes.
+ * The health agent's state file, read anew on each request (it is small and
+ * rewritten every round), or why it cannot be trusted: missing, unreadable, or
+ * not written for longer than staleAfter seconds, i.e. the agent has stopped.
+ */
+function agentState() {
+    var health = registry.health, state, age;
+    var agent = {state_file: health.stateFile};
+    try {
+        state = JSON.parse(fs.readFileSync(health.stateFile, 'utf8'));
+    } catch (e) {
+        agent.error = 'The health agent is not running: its state file ' + health.stateFile +
+                      ' cannot be read (' + String(e.message || e) + ').';
+        return {agent: agent, upstreams: {}};
+    }
+    age = Math.round((Date.now() - isoTime(state.updated)) / 1000);
+    agent.updated = state.updated;
+    agent.age = age;
+    agent.pid = state.pid;
+    agent.last_reload = state.last_reload;
+    agent.last_error = state.last_error;
+    agent.pending = state.pending;
+    if (!(age <= health.staleAfter)) {  // NaN (no time) too
+        agent.error = 'The health agent is not running: its state file ' + health.stateFile +
+                      ' was last written ' + (isNaN(age) ? 'at no readable time' : age + ' s ago') +
+                      ' (stale after ' + health.staleAfter + ' s).';
+    }
+    return {agent: agent, upstreams: (state.upstreams || []).reduce(function (byName, upstream) {
+        byName[upstream.name] = upstream;
+        return byName;
+    }, {})};
+}
+
+/* One model's upstream as the agent last saw it; one it does not check has no live server. */
+function checked(upstream, byName) {
+    var seen = own(byName, upstream.name) ? byName[upstream.name] : null;
+    var entry = {upstream: upstream.name, model: upstream.model};
+    if (seen === null) {
+        entry.live = 0;
+        entry.error = 'Not checked by the health agent.';
+        entry.servers = upstream.servers.map(function (address) { return {address: address, state: 'unknown'}; });
+        return entry;
+    }
+    entry.live = seen.live;
+    entry.servers = (seen.servers || []).map(function (server) {
+        return AGENT_SERVER_FIELDS.reduce(function (shown, name) {
+            shown[name] = server[name] === undefined ? null : server[name];
+            return shown;
+        }, {});
+    });
+    return entry;
+}
+
+/*
+ * Readiness (an admin path): 503 as soon as any model or service has no live
+ * server, naming them. With the health agent (registry.health) the models'
+ * states are its state file's, with since and the last failure; its absence is
+ * a 503 too. Services, and models without the agent, are asked now.
  */
 function ready(r) {
-    var checks = registry.upstreams.concat(registry.serviceUpstreams).map(function (upstream) {
-        return Promise.all(upstream.servers.map(function (address) {
-            return probe(address, upstream.health);
-        })).then(function (servers) {
-            var live = servers.filter(function (s) { return s.healthy; }).length;
-            var entry = {upstream: upstream.name, live: live, servers: servers};
-            entry[upstream.service ? 'service' : 'model'] = upstream.service || upstream.model;
-            return entry;
+    var agent = registry.health ? agentState() : null;
+    var models = agent ? Promise.resolve(registry.upstreams.map(function (upstream) {
+        return checked(upstream, agent.upstreams);
+    })) : Promise.all(registry.upstreams.map(probed));
+
+    Promise.all([models, Promise.all(registry.serviceUpstreams.map(probed))]).then(function (found) {
+        var upstreams = found[0].concat(found[1]);
+        var unavailable = upstreams.filter(function (u) { return u.live === 0; }).map(function (u) {
+            return u.model || u.service;
         });
-    });
-    Promise.all(checks).then(function (upstreams) {
-        var ok = upstreams.every(function (u) { return u.live > 0; });
+        var problems = [], body;
+        if (agent && agent.agent.error) {
+            problems.push(agent.agent.error);
+        }
+        if (unavailable.length) {
+            problems.push('No live server for: ' + unavailable.join(', ') + '.');
+        }
+        body = {status: problems.length ? 'degraded' : 'ready',
+                message: problems.length ? problems.join(' ') : 'Every model and service has a live server.',
+                unavailable: unavailable, upstreams: upstreams};
+        if (agent) {
+            body.agent = agent.agent;
+        }
         r.headersOut['Content-Type'] = 'application/json';
-        r.return(ok ? 200 : 503, JSON.stringify({status: ok ? 'ready' : 'degraded', upstreams: upstreams}) + '\n');
+        r.return(problems.length ? 503 : 200, JSON.stringify(body) + '\n');
     }).catch(function (e) {
         sendError(r, 500, 'Readiness check failed: ' + e.message, 'server_error');
     });

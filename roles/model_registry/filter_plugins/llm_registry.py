@@ -15,6 +15,8 @@ Filters:
     llm_host_models(normalized, hostname)       -> models to run on one host
     llm_gateway_upstreams(normalized, hostvars) -> nginx upstream blocks
     llm_private_addresses(hosts, hostvars)      -> each host's private address (allow lists, scrape targets)
+    llm_host_servers(normalized, hostvars, host) -> the servers one host gives the gateways (rollouts)
+    llm_agent_servers(agent_config)             -> "<model> <address>" a gateway's health agent checks
     llm_gateway_routes(normalized)              -> name/alias -> route (for njs)
     llm_gateway_cached_routes(normalized)       -> the (model, endpoint) pairs the gateway caches
     llm_api_endpoints(ignored)                  -> [{name, path}] the gateway serves
@@ -682,6 +684,29 @@ def llm_gateway_upstreams(normalized: Any, hostvars: Mapping[str, Any]) -> list[
     return sorted(upstreams, key=lambda upstream: upstream["name"])
 
 
+def llm_host_servers(normalized: Any, hostvars: Mapping[str, Any], host: str) -> list[dict[str, Any]]:
+    """The servers one host gives the gateways: per model its address as the upstream names it.
+
+    `peers` is how many servers the model has in all, so a rollout knows when draining
+    this one leaves the model none; `key` is "<model> <address>", as llm_agent_servers names it.
+    """
+    servers = []
+    for model in _require_normalized(normalized, "llm_host_servers"):
+        if host in model["hosts"]:
+            address = f"{_host_address(hostvars, host, model['name'])}:{model['port']}"
+            servers.append({"model": model["name"], "upstream": model["upstream"], "peers": len(model["hosts"]),
+                            "address": address, "key": f"{model['name']} {address}"})
+    return servers
+
+
+def llm_agent_servers(agent_config: Any) -> list[str]:
+    """"<model> <address>" for every server in a health agent's config.json (what a gateway routes to)."""
+    if not isinstance(agent_config, Mapping) or not isinstance(agent_config.get("upstreams"), list):
+        raise AnsibleFilterError("llm_agent_servers: expected the health agent's configuration (upstreams)")
+    return sorted(f"{upstream['model']} {peer['address']}"
+                  for upstream in agent_config["upstreams"] for peer in upstream["peers"])
+
+
 def llm_gateway_routes(normalized: Any) -> dict[str, dict[str, Any]]:
     """Every name and alias a client may send, mapped to where the njs router sends it."""
     routes: dict[str, dict[str, Any]] = {}
@@ -1183,6 +1208,8 @@ class FilterModule:
             "llm_host_models": llm_host_models,
             "llm_gateway_upstreams": llm_gateway_upstreams,
             "llm_private_addresses": llm_private_addresses,
+            "llm_host_servers": llm_host_servers,
+            "llm_agent_servers": llm_agent_servers,
             "llm_gateway_routes": llm_gateway_routes,
             "llm_gateway_cached_routes": llm_gateway_cached_routes,
             "llm_api_endpoints": llm_api_endpoints,

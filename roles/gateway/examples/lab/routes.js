@@ -57,6 +57,10 @@ export default {
       "path": "/v1/audio/translations"
     }
   ],
+  "health": {
+    "staleAfter": 23,
+    "stateFile": "/run/llm-gateway-health/state.json"
+  },
   "maxBodySize": "16m",
   "models": [
     "chat-small",
