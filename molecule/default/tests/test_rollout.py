@@ -1,27 +1,40 @@
 """Rolling changes and failures under load (issue 15), one phase after the other.
 
-A load generator sends chat, streamed chat and embeddings through the gateway the
-whole time, while: (1) chat-rolled is added to mol-gpu2 and mol-gpu3 by
-playbooks/rollout.yml, (2) its arguments change on both hosts, (3) it is removed,
-(4) a chat-small backend is killed, (5) one is frozen with SIGSTOP, (6) the whole
-mol-gpu3 container is stopped. Each failure is undone after its detection, and the
-server is back within rise. The phases' numbers are printed (pytest -s shows them).
+A load generator sends chat, streamed chat and embeddings through the gateway the whole
+time, while:
+  1. chat-rolled is added to mol-gpu2 and mol-gpu3 by playbooks/rollout.yml;
+  2. its arguments change on both hosts (a rollout naming it in rollout_models);
+  3. a change that breaks it (its server answers under another prefix) halts the rollout
+     at its first host, which stays out of rotation while the other keeps serving;
+  4. it is removed;
+  5. a chat-small backend is killed (systemd brings it back after RestartSec);
+  6. one is frozen with SIGSTOP, then thawed;
+  7. the whole mol-gpu3 container is stopped, then started again.
+Each phase's numbers, the detection and return times and the rollouts' own overhead per
+host are printed (pytest -s shows them).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 
 import pytest
-from lab_pytest import api_key, lab_host, play_output, run_playbook, wait_until
+import requests
+from lab_pytest import api_key, credential, play_output, run_playbook, wait_until
 from load_generator import LoadGenerator, Workload
 
+testinfra_hosts = ["ansible://mol-gw"]
+
 ROLLED = "chat-rolled"
-# From molecule.yml's gateway settings: the agent's interval, timeout, rise and fall.
+# molecule.yml's settings of the health agent.
 INTERVAL, TIMEOUT, RISE, FALL = 1.0, 0.5, 2, 2
-DETECTION = INTERVAL * FALL + 1.0
 STATE = "/run/llm-gateway-health/state.json"
+ROLLOUTS = ("1 add a model to two hosts", "2 change its arguments", "3 a change that fails its check",
+            "4 remove it")
+FAILURES = ("5 kill a backend", "6 freeze a backend", "7 stop a GPU host")
 
 
 def rolled_model(args: list[str] | None = None) -> dict:
@@ -30,81 +43,149 @@ def rolled_model(args: list[str] | None = None) -> dict:
             "hosts": ["mol-gpu2", "mol-gpu3"], "port": 8107, **({"args": args} if args else {})}
 
 
-def server_state(gateway, model: str, host_address: str) -> dict:
-    """The agent's view of one server of `model` (state file on the gateway)."""
+def server_state(gateway, model: str, address: str) -> dict:
+    """The health agent's view of `model` on the host at `address` (its state file on the gateway)."""
     state = json.loads(gateway.check_output(f"cat {STATE}"))
     for upstream in state["upstreams"]:
-        if upstream["model"] == model:
-            for server in upstream["servers"]:
-                if server["address"].startswith(host_address + ":"):
-                    return server
-    raise AssertionError(f"{model} on {host_address} not in the agent's state")
+        for server in upstream["servers"] if upstream["model"] == model else []:
+            if server["address"].rsplit(":", 1)[0] == address:
+                return server
+    raise AssertionError(f"{model} on {address} is not in the agent's state")
 
 
-def timed(check, timeout: float) -> float | None:
-    """Seconds until `check` holds, or None after `timeout`."""
+def seconds_until(check, timeout: float) -> float | None:
+    """Seconds until `check` holds, or None when it did not within `timeout`."""
     start = time.monotonic()
-    if wait_until(check, timeout=timeout, interval=0.1):
-        return time.monotonic() - start
-    return None
+    return time.monotonic() - start if wait_until(check, timeout=timeout, interval=0.05) else None
+
+
+def serves(address: str, port: int) -> bool:
+    """Whether the backend answers /health, asked directly."""
+    try:
+        return requests.get(f"http://{address}:{port}/health", timeout=0.5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def failure_and_return(gateway, address: str, port: int, fail, recover) -> dict:
+    """Seconds from `fail()` until nginx has the server down, and from its recovery until it is up."""
+    def in_nginx(state: str):
+        return lambda: server_state(gateway, "chat-small", address)["nginx"] == state
+
+    fail()
+    down = seconds_until(in_nginx("down"), 20)
+    recover()
+    assert wait_until(lambda: serves(address, port), timeout=90, interval=0.1), f"{address}:{port} never came back"
+    back = seconds_until(in_nginx("up"), 30)
+    return {"down": down, "back": back}
 
 
 @pytest.fixture(scope="module")
-def phases(gateway_url, registry, address_of, tmp_path_factory):
-    """Runs the six phases under load; returns the generator's results and what each phase measured."""
-    gateway = lab_host("mol-gw")
+def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory):
+    """The seven phases under load: the generator's results, the playbooks' results, the times."""
     workdir = tmp_path_factory.mktemp("rollout")
-    measured: dict[str, dict] = {}
+    played: dict[str, subprocess.CompletedProcess] = {}
+    times: dict[str, dict] = {}
     load = LoadGenerator(gateway_url, api_key(), [
         Workload(kind="chat", model="chat-small", concurrency=2),
         Workload(kind="stream", model="chat-small", concurrency=2),
         Workload(kind="embeddings", model="embed-small", concurrency=1),
     ])
-    load.start()
-    try:
-        with load.phase("1 add a model to two hosts"):
-            result = run_playbook("playbooks/rollout.yml", workdir, {"llm_models": [*registry, rolled_model()]})
-            measured["1"] = {"result": result}
+    with load:
+        with load.phase(ROLLOUTS[0]):
+            played[ROLLOUTS[0]] = run_playbook("playbooks/rollout.yml", workdir, {
+                "llm_models": [*registry, rolled_model()], "rollout_models": [ROLLED]})
         load.add(Workload(kind="chat", model=ROLLED, concurrency=1, may_vanish=True))
         load.add(Workload(kind="stream", model=ROLLED, concurrency=1, may_vanish=True))
-        time.sleep(2)
-        with load.phase("2 change its arguments on both hosts"):
-            result = run_playbook("playbooks/rollout.yml", workdir, {
-                "llm_models": [*registry, rolled_model(["--stream-interval", "0.1"])],
-                "rollout_models": [ROLLED]})
-            measured["2"] = {"result": result}
-        with load.phase("3 remove it"):
-            result = run_playbook("playbooks/rollout.yml", workdir, {"llm_models": registry})
-            measured["3"] = {"result": result}
+        with load.phase(ROLLOUTS[1]):
+            played[ROLLOUTS[1]] = run_playbook("playbooks/rollout.yml", workdir, {
+                "llm_models": [*registry, rolled_model(["--stream-interval", "0.1"])], "rollout_models": [ROLLED]})
+        with load.phase(ROLLOUTS[2]):
+            played[ROLLOUTS[2]] = run_playbook("playbooks/rollout.yml", workdir, {
+                "llm_models": [*registry, rolled_model(["--api-prefix", "/elsewhere"])], "rollout_models": [ROLLED]})
+        with load.phase(ROLLOUTS[3]):
+            played[ROLLOUTS[3]] = run_playbook("playbooks/rollout.yml", workdir, {
+                "llm_models": registry, "rollout_models": [ROLLED]})
         load.remove(ROLLED)
 
-        gpu1, gpu2 = address_of("mol-gpu1"), address_of("mol-gpu2")
-        with load.phase("4 kill a backend"):
-            lab_host("mol-gpu1").check_output("systemctl kill --signal=SIGKILL llm-model-chat-small")
-            down = timed(lambda: server_state(gateway, "chat-small", gpu1)["nginx"] == "down", 20)
-            # systemd restarts it after RestartSec (5 s); back after rise passes.
-            back = timed(lambda: server_state(gateway, "chat-small", gpu1)["nginx"] == "up", 30)
-            measured["4"] = {"down": down, "back": back}
-        with load.phase("5 freeze a backend"):
-            pid = lab_host("mol-gpu2").check_output("systemctl show --property MainPID --value llm-model-chat-small")
-            lab_host("mol-gpu2").check_output(f"kill -STOP {pid}")
-            down = timed(lambda: server_state(gateway, "chat-small", gpu2)["nginx"] == "down", 20)
-            lab_host("mol-gpu2").check_output(f"kill -CONT {pid}")
-            back = timed(lambda: server_state(gateway, "chat-small", gpu2)["nginx"] == "up", 20)
-            measured["5"] = {"down": down, "back": back}
-        with load.phase("6 stop a GPU host"):
-            gpu3 = address_of("mol-gpu3")
-            stopped = lab_host("mol-gpu3")
-            import subprocess  # the container itself, from the machine running the tests
-
-            subprocess.run(["docker", "stop", "--time", "5", "mol-gpu3"], check=True, capture_output=True)
-            down = timed(lambda: server_state(gateway, "chat-small", gpu3)["nginx"] == "down", 30)
-            subprocess.run(["docker", "start", "mol-gpu3"], check=True, capture_output=True)
-            back = timed(lambda: server_state(gateway, "chat-small", gpu3)["nginx"] == "up", 60)
-            measured["6"] = {"down": down, "back": back, "host": stopped}
-    finally:
-        load.stop()
+        gateway = lab_host("mol-gw")
+        gpu1, gpu2, gpu3 = (address_of(host) for host in ("mol-gpu1", "mol-gpu2", "mol-gpu3"))
+        with load.phase(FAILURES[0]):
+            times[FAILURES[0]] = failure_and_return(
+                gateway, gpu1, 8101, lambda: lab_host("mol-gpu1").check_output(
+                    "systemctl kill --signal=SIGKILL llm-model-chat-small"), lambda: None)
+        with load.phase(FAILURES[1]):
+            frozen = lab_host("mol-gpu2")
+            pid = frozen.check_output("systemctl show --property MainPID --value llm-model-chat-small")
+            times[FAILURES[1]] = failure_and_return(gateway, gpu2, 8101,
+                                                    lambda: frozen.check_output(f"kill -STOP {pid}"),
+                                                    lambda: frozen.check_output(f"kill -CONT {pid}"))
+        with load.phase(FAILURES[2]):
+            times[FAILURES[2]] = failure_and_return(
+                gateway, gpu3, 8101, lambda: subprocess.run(["docker", "stop", "--time", "5", "mol-gpu3"], check=True),
+                lambda: subprocess.run(["docker", "start", "mol-gpu3"], check=True))
     print("\n" + load.report())
-    for name in ("4", "5", "6"):
-        print(f"phase {name}: detected in {measured[name]['down']} s, back in {measured[name]['back']} s")
-    return load, measured
+    for phase, measured in times.items():
+        print(f"{phase}: out of rotation after {measured['down']} s, back {measured['back']} s after it served again")
+    for phase, result in played.items():
+        for line in re.findall(r"rollout of .*?overhead beyond the deploy [0-9.]+ s", result.stdout, re.S):
+            print(f"{phase}: {' '.join(line.split())}")
+    return load.results(), played, times
+
+
+def test_rollouts_end_as_they_should(phases):
+    _, played, _ = phases
+    for phase in (ROLLOUTS[0], ROLLOUTS[1], ROLLOUTS[3]):
+        assert played[phase].returncode == 0, f"{phase}:\n{play_output(played[phase])}"
+    assert played[ROLLOUTS[2]].returncode != 0
+
+
+def test_the_failed_rollout_names_the_host_and_the_check(phases):
+    _, played, _ = phases
+    output = played[ROLLOUTS[2]].stdout
+    assert re.search(r"fatal: \[mol-gpu2\].*?POST /v1/chat/completions answered 404", output, re.S), output[-3000:]
+    # It stopped there: mol-gpu3 was never rolled, nor were the gateways reconfigured.
+    assert "rollout of mol-gpu3" not in played[ROLLOUTS[2]].stdout
+
+
+def test_no_request_failed_and_no_stream_was_cut_during_the_rollouts(phases):
+    results, _, _ = phases
+    for phase in ROLLOUTS:
+        total = results[phase].total()
+        assert total.sent > 0, phase
+        assert (total.failed, total.streams_cut) == (0, 0), f"{phase}: {results[phase].failures}"
+    # The new model was served between its addition and its removal, and no request to it failed.
+    assert results[ROLLOUTS[1]].by_model[ROLLED].ok > 0
+    assert results[ROLLOUTS[2]].by_model[ROLLED].ok > 0
+
+
+def test_no_plain_request_failed_during_the_failures(phases):
+    results, _, _ = phases
+    for phase in FAILURES:
+        plain = results[phase].total(("chat", "embeddings"))
+        assert plain.sent > 0 and plain.failed == 0, f"{phase}: {results[phase].failures}"
+
+
+def test_failures_are_detected_within_interval_times_fall_and_servers_back_within_rise(phases):
+    _, _, times = phases
+    for phase, measured in times.items():
+        assert measured["down"] is not None and measured["down"] <= INTERVAL * FALL + 1.0, (phase, measured)
+        assert measured["back"] is not None and measured["back"] <= INTERVAL * RISE + 1.0, (phase, measured)
+
+
+def test_readiness_names_a_model_without_a_live_server_then_recovers(phases, gateway_url, lab_host):
+    """After the phases (their load is over): every server of chat-large stopped, then started."""
+    def ready() -> requests.Response:
+        return requests.get(f"{gateway_url}/ready", auth=("admin", credential("admin-password")), timeout=10)
+
+    gpu1 = lab_host("mol-gpu1")
+    gpu1.check_output("systemctl stop llm-model-chat-large")
+    try:
+        assert wait_until(lambda: ready().status_code == 503, timeout=10)
+        body = ready().json()
+    finally:
+        gpu1.check_output("systemctl start llm-model-chat-large")
+    assert body["unavailable"] == ["chat-large"] and "chat-large" in body["message"], body
+    server = next(u for u in body["upstreams"] if u.get("model") == "chat-large")["servers"][0]
+    assert server["state"] == "down" and server["last_failure"].startswith("connect"), server
+    assert wait_until(lambda: ready().status_code == 200, timeout=15)
