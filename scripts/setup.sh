@@ -2,7 +2,8 @@
 # One-time (and idempotent) set-up of a fresh machine for the toolkit and its lab:
 #   - Debian packages: docker.io, debootstrap (lab images), nginx with njs and the
 #     cache purge module (the router's unit tests run it on loopback), wrk (the
-#     benchmark's load generator)
+#     benchmark's load generator), mtail, Prometheus and its nginx and blackbox
+#     exporters (the metrics tests run them on loopback)
 #   - a Docker engine, started when none answers
 #   - .venv with the pinned development requirements (ansible, molecule, ...)
 #   - the lab images for Debian 12 and Debian 13
@@ -21,11 +22,18 @@ command -v nginx >/dev/null || need_apt+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || need_apt+=(libnginx-mod-http-js)
 [ -e /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need_apt+=(libnginx-mod-http-cache-purge)
 command -v wrk >/dev/null || need_apt+=(wrk)
+# The metrics tests run Debian's mtail, nginx exporter, Prometheus (promtool) and
+# blackbox exporter as processes on loopback (tests/nginx/test_metrics.py).
+command -v mtail >/dev/null || need_apt+=(mtail)
+command -v prometheus-nginx-exporter >/dev/null || need_apt+=(prometheus-nginx-exporter)
+command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v prometheus-blackbox-exporter >/dev/null || need_apt+=(prometheus-blackbox-exporter)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} from Debian"
   export DEBIAN_FRONTEND=noninteractive
-  # The tests start nginx themselves on loopback; keep the package from starting
-  # a system-wide nginx on port 80 (policy-rc.d is Debian's switch for that).
+  # The tests start nginx (and Prometheus, mtail, the exporters) themselves on
+  # loopback; keep the packages from starting system-wide services on port 80,
+  # 9090 and the like (policy-rc.d is Debian's switch for that).
   policy=/usr/sbin/policy-rc.d
   [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT; }
   apt-get update -qq

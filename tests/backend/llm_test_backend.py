@@ -23,6 +23,8 @@ those without /v1). It adds what tests need from a backend:
     beside the models: Qdrant-like JSON ({"result", "status", "time"}) on any path and
     method, /healthz; Immich ML's /ping, / and POST /predict, which answers by its
     "entries" part (FastAPI's 422 without one). Every record keeps the query string.
+  - GET /metrics, open like vLLM's and Infinity's: Prometheus text counting the requests
+    received per served name, so a monitoring test can scrape a model server's own metrics.
 
 Standard library only, one file, Python 3.11+, so it can be copied onto any lab host.
 
@@ -589,7 +591,7 @@ def needs_key(path: str, prefix: str) -> bool:
     an empty prefix (Infinity's way) every other path is "under the prefix", as Infinity guards
     /models and /embeddings but not /health.
     """
-    if path in ("/health", *ROOT_ROUTES) or path.startswith("/_test/"):
+    if path in ("/health", "/metrics", *ROOT_ROUTES) or path.startswith("/_test/"):
         return False
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
@@ -827,6 +829,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == prefix + "/models" and self.command == "GET":
             self.send_json(200, self.models_list())
             return
+        if path == "/metrics" and self.command == "GET":
+            self.send_text(200, self.metrics_text())
+            return
         if path.startswith(prefix + "/") and path[len(prefix):] in AUDIO_ROUTES:
             self.handle_audio(AUDIO_ROUTES[path[len(prefix):]], body)
             return
@@ -886,6 +891,18 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"result": {"method": self.command, "path": path, "query": self.path.partition("?")[2],
                                         "body": parsed},
                              "status": "ok", "time": 0.0, "backend": self.backend_info()})
+
+    def metrics_text(self) -> str:
+        """Prometheus text at /metrics, open like vLLM's and Infinity's: requests received per served name.
+
+        Labels are the server's own names, never a client's text.
+        """
+        received = [entry["model"] for entry in self.request_log.all() if entry["path"] != "/metrics"]
+        lines = ["# HELP llm_test_backend_requests_total Requests received, by the served name they asked for.",
+                 "# TYPE llm_test_backend_requests_total counter"]
+        lines += [f'llm_test_backend_requests_total{{model_name="{name}"}} {received.count(name)}'
+                  for name in self.config.models]
+        return "\n".join(lines) + "\n"
 
     def send_text(self, status: int, text: str) -> None:
         """A plain-text answer (Immich ML's /ping, Qdrant's /healthz)."""

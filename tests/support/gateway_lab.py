@@ -323,7 +323,8 @@ def render_gateway(root: Path, models: list[dict[str, Any]], addresses: dict[str
                              ("routes.js.j2", conf_dir / "routes.js"),
                              ("api_keys.js.j2", conf_dir / "api_keys.js"),
                              ("backend-auth.conf.j2", conf_dir / "backend-auth.conf"),
-                             ("services-auth.conf.j2", conf_dir / "services-auth.conf")):
+                             ("services-auth.conf.j2", conf_dir / "services-auth.conf"),
+                             ("llm_gateway.mtail.j2", conf_dir / "llm_gateway.mtail")):
         target.write_text(env.get_template(template).render(values))
     for script in ("router.js", "auth.js", "cache.js", "multipart.js"):
         shutil.copy(ROLE / "files" / script, conf_dir / script)

@@ -618,6 +618,7 @@ def test_filter_module_exposes_all_filters() -> None:
         "llm_backend_key_errors",
         "llm_services_normalize", "llm_gateway_services", "llm_service_host_ports", "llm_service_router_data",
         "llm_service_header_var", "llm_host_servers", "llm_agent_servers",
+        "llm_private_addresses",
     }
 
 

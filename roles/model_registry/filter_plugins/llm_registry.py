@@ -14,6 +14,7 @@ Filters:
     llm_registry_normalize(models, groups)      -> normalized list (validated)
     llm_host_models(normalized, hostname)       -> models to run on one host
     llm_gateway_upstreams(normalized, hostvars) -> nginx upstream blocks
+    llm_private_addresses(hosts, hostvars)      -> each host's private address (allow lists, scrape targets)
     llm_host_servers(normalized, hostvars, host) -> the servers one host gives the gateways (rollouts)
     llm_agent_servers(agent_config)             -> "<model> <address>" a gateway's health agent checks
     llm_gateway_routes(normalized)              -> name/alias -> route (for njs)
@@ -630,7 +631,21 @@ def llm_host_models(normalized: Any, inventory_hostname: str) -> list[dict[str, 
 
 def _host_address(hostvars: Mapping[str, Any], host: str, model: str) -> str:
     """The private address the gateway uses to reach a host: explicit wins over facts."""
-    prefix = f"{REGISTRY}: model '{model}': host '{host}'"
+    return _private_address(hostvars, host, f"{REGISTRY}: model '{model}': host '{host}'")
+
+
+def llm_private_addresses(hosts: Any, hostvars: Mapping[str, Any]) -> list[str]:
+    """The private address of each host (a group's, say), by the rule the upstreams follow.
+
+    For allow lists and scrape targets of hosts outside the registry (llm_monitoring).
+    """
+    if not isinstance(hosts, list) or not all(isinstance(host, str) for host in hosts):
+        raise AnsibleFilterError(f"llm_private_addresses: expects a list of host names, got {_describe(hosts)}")
+    return [_private_address(hostvars, host, f"llm_private_addresses: host '{host}'") for host in hosts]
+
+
+def _private_address(hostvars: Mapping[str, Any], host: str, prefix: str) -> str:
+    """llm_private_address, else the default IPv4 of the host's facts; IPv6 in brackets."""
     if host not in hostvars:
         raise AnsibleFilterError(f"{prefix}: not found in hostvars")
     host_vars = hostvars[host]
@@ -1192,6 +1207,7 @@ class FilterModule:
             "llm_registry_normalize": llm_registry_normalize,
             "llm_host_models": llm_host_models,
             "llm_gateway_upstreams": llm_gateway_upstreams,
+            "llm_private_addresses": llm_private_addresses,
             "llm_host_servers": llm_host_servers,
             "llm_agent_servers": llm_agent_servers,
             "llm_gateway_routes": llm_gateway_routes,
