@@ -7,9 +7,8 @@ those counts, the overhead histogram its samples, a model server's own metrics m
 scraped, stopping every server of a model must fire LLMModelNoLiveServer within its `for`
 window, and every query of the dashboard must return data.
 
-UNRUN: drafted beside tests/nginx/test_metrics.py, which proves the same on this host's
-processes; it needs the molecule.yml variables of roles/monitoring/README.md ("In the lab").
-chat-large must still run on mol-gpu1 alone.
+The lab's settings are in molecule.yml (llm_monitoring, gateway_metrics_port); chat-large
+runs on mol-gpu1 alone.
 """
 
 from __future__ import annotations
