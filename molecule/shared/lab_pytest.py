@@ -139,9 +139,10 @@ class Backend:
     model: dict
 
     def received(self) -> list[dict]:
-        """Every request but the gateway's health probes (readiness's GET /health, the agent's checks)."""
+        """Every request but the probes: readiness's GET /health, the health agent's checks and
+        Prometheus' scrapes of GET /metrics (the default scenario's gateway is also its Prometheus)."""
         records = requests.get(f"{self.url}/_test/requests", timeout=5).json()
-        return [r for r in records if (r["method"], r["path"]) != ("GET", "/health")
+        return [r for r in records if (r["method"], r["path"]) not in (("GET", "/health"), ("GET", "/metrics"))
                 and r["headers"].get("user-agent") != ["llm-gateway-health"]]
 
     def clear(self) -> None:
@@ -253,6 +254,12 @@ def run_playbook(playbook: str, workdir: Path, extra_vars: dict[str, Any] | None
 def play_output(result: subprocess.CompletedProcess) -> str:
     """The end of a playbook's output, for assertion messages."""
     return result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def access_log_lines(host: testinfra.host.Host, needle: str) -> list[str]:
+    """The gateway's access log lines holding `needle`, grepped on the host: after the load
+    tests the log holds hundreds of thousands of lines, too many to copy each time."""
+    return host.run(f"grep -F -- {shlex.quote(needle)} /var/log/nginx/llm-access.log").stdout.splitlines()
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30.0, interval: float = 0.5) -> bool:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("chat", "stream", "embeddings")
+# Seconds a worker waits after an answer that is not ok (a removed model's 404s come at once).
+GONE_PAUSE = 0.05
 PATHS = {"chat": "/v1/chat/completions", "stream": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
 MAX_FAILURES = 20
 NO_PHASE = "(no phase)"
@@ -247,8 +249,10 @@ class Worker(threading.Thread):
                 phase, started = self.load.begin(self.workload)
                 outcome, retried = self.send()
                 self.load.record(phase, started, self.workload, outcome, retried)
-                if self.load.pause:
-                    self.stopping.wait(self.load.pause)
+                # A refusal costs the gateway nothing: pace the loop so it does not flood the log.
+                pause = max(self.load.pause, GONE_PAUSE if outcome.result != "ok" else 0.0)
+                if pause:
+                    self.stopping.wait(pause)
         finally:
             self.client.close()
 

@@ -111,11 +111,17 @@ def test_gateways_admit_only_their_listeners_and_ssh(lab_host, address_of, group
         accepted = [rule for rule in input_rules(gateway) if "dport" in rule and "accept" in rule
                     and "saddr fe80::/10 udp dport 546" not in rule]
         comments = {re.search(r'comment "([^"]+)"', rule).group(1) for rule in accepted}
-        assert comments <= {"ssh", "open", "ansible controller"}, accepted
+        assert comments <= {"ssh", "open", "ansible controller", "metrics"}, accepted
         opened = [rule for rule in accepted if rule.endswith('comment "open"')]
         assert opened == ["tcp dport { 80, 443 } accept comment \"open\""], accepted
         for port in sorted(GATEWAY_PORTS):
             assert connects(gpu, address_of(name), port), f"{name}:{port} is a listener"
+        # The metrics listener admits the llm_monitoring hosts only (here the gateway itself).
+        scrapers = {address_of(host) for host in group("llm_monitoring")}
+        metrics = [rule for rule in accepted if rule.endswith('comment "metrics"')]
+        assert metrics and all(re.match(r"ip6? saddr (\S+) tcp dport 9145 accept", rule).group(1) in scrapers
+                               for rule in metrics), metrics
+        assert not connects(gpu, address_of(name), 9145), "a GPU host may not scrape the gateway"
 
 
 def test_an_unlisted_gateway_port_stays_closed(lab_host, address_of, group):

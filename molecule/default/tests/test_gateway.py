@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import requests
-from lab_pytest import bearer, wait_until
+from lab_pytest import access_log_lines, bearer, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -66,17 +67,17 @@ def test_routes_are_derived_from_the_registry(host):
 
 
 def test_access_log_is_one_json_object_per_request(host, gateway_url):
-    requests.get(f"{gateway_url}/v1/models", headers={"X-Request-ID": "log-probe-1", **bearer()}, timeout=10)
+    probe = f"log-probe-{uuid.uuid4().hex}"
+    requests.get(f"{gateway_url}/v1/models", headers={"X-Request-ID": probe, **bearer()}, timeout=10)
 
     def probe_lines() -> list[str]:
-        log = host.file("/var/log/nginx/llm-access.log").content_string
-        return [line for line in log.splitlines() if "log-probe-1" in line]
+        return access_log_lines(host, probe)
 
     # The log is buffered: nginx writes it at least once a second.
     assert wait_until(lambda: bool(probe_lines()), timeout=5), "no access log line for the probe"
     [line] = probe_lines()
     entry = json.loads(line)
-    assert entry["request_id"] == "log-probe-1"
+    assert entry["request_id"] == probe
     assert entry["status"] == 200
     assert {"time", "model", "upstream_addr", "request_time", "bytes_in", "bytes_out", "stream"} <= entry.keys()
     assert entry["api_key_id"] == "tests"

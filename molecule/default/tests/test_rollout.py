@@ -143,7 +143,9 @@ def test_rollouts_end_as_they_should(phases):
 def test_the_failed_rollout_names_the_host_and_the_check(phases):
     _, played, _ = phases
     output = played[ROLLOUTS[2]].stdout
-    assert re.search(r"fatal: \[mol-gpu2\].*?POST /v1/chat/completions answered 404", output, re.S), output[-3000:]
+    # The callback wraps long messages at the terminal's width.
+    assert re.search(r"fatal: \[mol-gpu2\].*?POST\s+/v1/chat/completions\s+answered\s+404", output, re.S), \
+        output[-3000:]
     # It stopped there: mol-gpu3 was never rolled, nor were the gateways reconfigured.
     assert "rollout of mol-gpu3" not in played[ROLLOUTS[2]].stdout
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from typing import Any
 
 import openai
 import pytest
 import requests
 
-from lab_pytest import api_key, assert_openai_error, bearer, connects, credential, landed, wait_until
+from lab_pytest import access_log_lines, api_key, assert_openai_error, bearer, connects, credential, landed, wait_until
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -180,12 +181,11 @@ def test_other_immich_paths_go_to_the_default_server(gateway_url, received):
 def test_the_access_log_names_the_task(host, gateway_url):
     body = form("b", [("entries", json.dumps(ENTRIES["ocr"]).encode(), None), ("image", b"x" * 100, "blob")])
     response = requests.post(f"{gateway_url}/immich-ml/predict", data=body, timeout=10, headers={
-        **bearer(), "Content-Type": "multipart/form-data; boundary=b", "X-Request-ID": "services-log-1"})
+        **bearer(), "Content-Type": "multipart/form-data; boundary=b", "X-Request-ID": (request_id := f"services-log-{uuid.uuid4().hex}")})
     assert response.status_code == 200
 
     def logged() -> list[dict[str, Any]]:
-        log = host.file("/var/log/nginx/llm-access.log").content_string
-        return [json.loads(line) for line in log.splitlines() if "services-log-1" in line]
+        return [json.loads(line) for line in access_log_lines(host, request_id)]
     assert wait_until(lambda: len(logged()) == 1, timeout=5)
     entry = logged()[0]
     assert (entry["service"], entry["upstream"], entry["status"]) == ("immich-ml/ocr", "llm_svc_immich_ml_ocr", 200)
