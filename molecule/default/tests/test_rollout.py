@@ -107,6 +107,8 @@ def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory):
             played[ROLLOUTS[3]] = run_playbook("playbooks/rollout.yml", workdir, {
                 "llm_models": registry, "rollout_models": [ROLLED]})
         load.remove(ROLLED)
+        # Streams that began at the end of phase 4 count there: let them end before phase 5 kills.
+        time.sleep(3)
 
         gateway = lab_host("mol-gw")
         gpu1, gpu2, gpu3 = (address_of(host) for host in ("mol-gpu1", "mol-gpu2", "mol-gpu3"))
@@ -142,12 +144,13 @@ def test_rollouts_end_as_they_should(phases):
 
 def test_the_failed_rollout_names_the_host_and_the_check(phases):
     _, played, _ = phases
-    output = played[ROLLOUTS[2]].stdout
+    # A failed task goes to stderr in some environments (molecule's among them).
+    output = played[ROLLOUTS[2]].stdout + played[ROLLOUTS[2]].stderr
     # The callback wraps long messages at the terminal's width.
     assert re.search(r"fatal: \[mol-gpu2\].*?POST\s+/v1/chat/completions\s+answered\s+404", output, re.S), \
         output[-3000:]
     # It stopped there: mol-gpu3 was never rolled, nor were the gateways reconfigured.
-    assert "rollout of mol-gpu3" not in played[ROLLOUTS[2]].stdout
+    assert "rollout of mol-gpu3" not in output
 
 
 def test_no_request_failed_and_no_stream_was_cut_during_the_rollouts(phases):

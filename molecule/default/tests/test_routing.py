@@ -59,8 +59,10 @@ def test_every_model_lands_only_on_its_own_hosts_for_every_endpoint(gateway_url,
                 backend.clear()
             body = request_body(model["name"], endpoint, size)
             sent = hashlib.sha256(body).hexdigest()
-            # Enough requests that least_conn/round robin touches every host of the model.
-            for _ in range(2 * len(own_hosts)):
+            # Enough requests that least_conn/round robin touches every host of the model,
+            # on each of nginx's two workers (each balances on its own), whatever its weights.
+            heaviest = max([entry.get("weight", 1) for entry in model["hosts"] if isinstance(entry, dict)] + [1])
+            for _ in range(4 * len(own_hosts) * heaviest):
                 response = post(gateway_url, endpoint, body, PAST_THE_CACHE)
                 assert response.status_code == 200, (model["name"], endpoint, response.text[:300])
                 assert response.headers["X-Backend-Model"] == model["name"]
