@@ -11,7 +11,7 @@ time, while:
   6. one is frozen with SIGSTOP, then thawed;
   7. the whole mol-gpu3 container is stopped, then started again.
 Each phase's numbers, the detection and return times and the rollouts' own overhead per
-host are printed (pytest -s shows them).
+host are printed, past pytest's capture.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ STATE = "/run/llm-gateway-health/state.json"
 ROLLOUTS = ("1 add a model to two hosts", "2 change its arguments", "3 a change that fails its check",
             "4 remove it")
 FAILURES = ("5 kill a backend", "6 freeze a backend", "7 stop a GPU host")
+# What the rollout prints for each host (roles/rollout/tasks/undrain.yml), wrapped by the callback.
+OVERHEAD_LINE = r"rollout of mol-[\w-]+ \(.*?overhead beyond the deploy\s+[0-9.]+ s"
 
 
 def rolled_model(args: list[str] | None = None) -> dict:
@@ -81,7 +83,7 @@ def failure_and_return(gateway, address: str, port: int, fail, recover) -> dict:
 
 
 @pytest.fixture(scope="module")
-def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory):
+def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory, request):
     """The seven phases under load: the generator's results, the playbooks' results, the times."""
     workdir = tmp_path_factory.mktemp("rollout")
     played: dict[str, subprocess.CompletedProcess] = {}
@@ -126,12 +128,15 @@ def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory):
             times[FAILURES[2]] = failure_and_return(
                 gateway, gpu3, 8101, lambda: subprocess.run(["docker", "stop", "-t", "5", "mol-gpu3"], check=True),
                 lambda: subprocess.run(["docker", "start", "mol-gpu3"], check=True))
-    print("\n" + load.report())
+    # Past pytest's capture, so a passing run shows them too.
+    say = request.config.pluginmanager.get_plugin("terminalreporter").write_line
+    say("\n" + load.report())
     for phase, measured in times.items():
-        print(f"{phase}: out of rotation after {measured['down']} s, back {measured['back']} s after it served again")
+        down, back = (f"{measured[k]:.2f} s" if measured[k] is not None else "never" for k in ("down", "back"))
+        say(f"{phase}: out of rotation after {down}, back {back} after it served again")
     for phase, result in played.items():
-        for line in re.findall(r"rollout of mol-[\w-]+ \(.*?overhead beyond the deploy\s+[0-9.]+ s", result.stdout, re.S):
-            print(f"{phase}: {' '.join(line.split())}")
+        for line in re.findall(OVERHEAD_LINE, result.stdout, re.S):
+            say(f"{phase}: {' '.join(line.split())}")
     return load.results(), played, times
 
 
