@@ -128,8 +128,10 @@ def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory, reques
             times[FAILURES[2]] = failure_and_return(
                 gateway, gpu3, 8101, lambda: subprocess.run(["docker", "stop", "-t", "5", "mol-gpu3"], check=True),
                 lambda: subprocess.run(["docker", "start", "mol-gpu3"], check=True))
-    # Past pytest's capture, so a passing run shows them too.
-    say = request.config.pluginmanager.get_plugin("terminalreporter").write_line
+    # Past pytest's capture (at the file descriptor too), so a passing run shows them.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    lines = []
+    say = lines.append
     say("\n" + load.report())
     for phase, measured in times.items():
         down, back = (f"{measured[k]:.2f} s" if measured[k] is not None else "never" for k in ("down", "back"))
@@ -137,6 +139,8 @@ def phases(gateway_url, registry, address_of, lab_host, tmp_path_factory, reques
     for phase, result in played.items():
         for line in re.findall(OVERHEAD_LINE, result.stdout, re.S):
             say(f"{phase}: {' '.join(line.split())}")
+    with capture.global_and_fixture_disabled():
+        print("\n".join(lines), flush=True)
     return load.results(), played, times
 
 
