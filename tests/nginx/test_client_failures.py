@@ -13,14 +13,10 @@ import json
 import threading
 from pathlib import Path
 
-import gateway_health
-import health_agent
-import llm_registry
 import pytest
 from gateway_lab import free_port, model, nginx_missing, post_json, render_gateway, start_backend, start_nginx, stop
 
 HOSTS = {"gpu-a": "127.0.0.31", "gpu-b": "127.0.0.32"}
-AGENT = health_agent.load()
 DROPS, REQUESTS = 40, 200
 
 
@@ -37,18 +33,9 @@ def statuses_under_drops(tmp_path: Path, health_checks: bool) -> tuple[list[int]
     port = free_port(*HOSTS.values())
     backends = [start_backend(["chat-small"], address, port) for address in HOSTS.values()]
     models = [model("chat-small", list(HOSTS), port, ["chat"])]
+    # With health checks, render_gateway writes the agent's server lines as the role does (max_fails=0).
     conf = render_gateway(tmp_path, models, HOSTS, gateway_http_port=(http_port := free_port()),
                           gateway_https_port=0, gateway_health_checks=health_checks)
-    if health_checks:
-        normalized = llm_registry.llm_registry_normalize(models, {"all": sorted(HOSTS)})
-        upstreams = llm_registry.llm_gateway_upstreams(
-            normalized, {host: {"llm_private_address": address} for host, address in HOSTS.items()})
-        AGENT.render_once(AGENT.parse_config(gateway_health.llm_gateway_health_config(
-            upstreams, normalized, [], {
-                "key_dir": str(tmp_path), "include_dir": str(tmp_path / "llm" / "upstreams"),
-                "state_file": str(tmp_path / "state.json"), "drain_file": str(tmp_path / "drain.json"),
-                "interval": 5, "timeout": 2, "rise": 2, "fall": 3, "min_reload_interval": 10,
-                "max_fails": 0, "fail_timeout": "10s", "nginx_user": None})))
     proc = start_nginx(conf, http_port)
     dropped: list[int] = []
     others: list[int] = []

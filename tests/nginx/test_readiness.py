@@ -25,7 +25,6 @@ from gateway_lab import (NGINX, Backend, Gateway, basic_auth, free_port, model, 
 from http_reply import Reply
 
 ADMIN = ("ops", "ops-password-for-tests")
-AGENT = health_agent.load()
 HOSTS = {"gpu-a": "127.0.0.41", "gpu-b": "127.0.0.42", "gpu-c": "127.0.0.43"}
 INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.5, 2, 2
 # Rendered by the role from interval and timeout (vars/main.yml): 3 rounds + 2 s.
@@ -104,7 +103,8 @@ def start_lab(root: Path, health_checks: bool) -> Lab:
                                                    {host: {"llm_private_address": a} for host, a in HOSTS.items()})
     agent_config = root / "agent" / "config.json"
     agent_config.parent.mkdir()
-    # With health checks the upstreams include the agent's server lines, written first as the role does.
+    # render_gateway wrote the agent's server lines already (as the role does); the agent's own
+    # configuration names the same include directory, so its reloads change them.
     agent_config.write_text(json.dumps(health_agent.config(root / "agent", [
         {"name": u["name"], "model": u["model"], "peers": u["peers"],
          "api_prefix": "" if u["model"] == "embed-small" else "/v1"} for u in upstreams],
@@ -112,7 +112,6 @@ def start_lab(root: Path, health_checks: bool) -> Lab:
         interval=INTERVAL, timeout=TIMEOUT, rise=RISE, fall=FALL, min_reload_interval=0, nginx_user=None,
         nginx_test=[NGINX, "-t", "-q", "-p", str(root), "-c", str(conf)],
         nginx_reload=[NGINX, "-p", str(root), "-c", str(conf), "-s", "reload"])))
-    AGENT.render_once(AGENT.load_config(agent_config))
     try:
         gateway.procs.append(start_nginx(conf, http_port))
     except Exception:
