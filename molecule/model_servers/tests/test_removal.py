@@ -1,7 +1,8 @@
 """A model dropped from the registry loses its unit or container, and the gateway stops routing to it.
 
 Runs site.yml again with a registry that lacks the two chat models (one under each
-runtime), checks, then converges the scenario's own registry back.
+runtime) and test_infinity_systemd.py's venv model, checks, then converges the scenario's
+own registry back.
 """
 
 from __future__ import annotations
