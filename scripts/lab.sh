@@ -12,6 +12,7 @@
 set -euo pipefail
 
 distro=${LAB_DISTRO:-bookworm}
+repo=$(cd "$(dirname "$0")/.." && pwd)
 network=llm-lab
 label=io.llm-gateway.lab
 hosts=(gw1 gpu1 gpu2)
@@ -36,19 +37,23 @@ wait_for_systemd() {
 }
 
 up() {
-  docker image inspect "llm-lab/debian:$distro" >/dev/null 2>&1 ||
-    "$(dirname "$0")/../files/lab/build-image.sh" "$distro"
+  docker image inspect "llm-lab/debian:$distro" >/dev/null 2>&1 || "$repo/files/lab/build-image.sh" "$distro"
+  [ -e "$repo/.cache/lab/model-images.tar" ] || "$repo/files/lab/build-model-images.sh"
   docker network inspect "$network" >/dev/null 2>&1 ||
     docker network create --label "$label=true" "$network" >/dev/null
   for host in "${hosts[@]}"; do
-    local name="llm-lab-$host" ports=()
+    local name="llm-lab-$host" ports=() volumes=()
     if docker container inspect "$name" >/dev/null 2>&1; then
       docker start "$name" >/dev/null
       continue
     fi
     [ "$host" = gw1 ] && ports=(-p 127.0.0.1:8080:80 -p 127.0.0.1:8443:443)
+    # gpu2 runs Infinity in a container: its own Docker Engine's storage on a volume
+    # (overlay2), the model images and weights of build-model-images.sh read-only.
+    [ "$host" = gpu2 ] && volumes=(-v /var/lib/docker
+      -v "$repo/.cache/lab:/srv/lab-cache:ro" -v "$repo/.cache/lab/models:/srv/models:ro")
     docker run -d --name "$name" --hostname "$host" --network "$network" \
-      --label "$label=true" "${systemd_opts[@]}" "${ports[@]}" \
+      --label "$label=true" "${systemd_opts[@]}" "${ports[@]}" "${volumes[@]}" \
       "llm-lab/debian:$distro" >/dev/null
   done
   for host in "${hosts[@]}"; do wait_for_systemd "llm-lab-$host"; done
@@ -58,7 +63,7 @@ up() {
 down() {
   local ids
   ids=$(docker ps -aq --filter "label=$label")
-  [ -z "$ids" ] || docker rm -f $ids >/dev/null
+  [ -z "$ids" ] || docker rm -f -v $ids >/dev/null  # -v: gpu2's docker volume too
   docker network ls -q --filter "label=$label" | xargs -r docker network rm >/dev/null
   echo "lab removed"
 }

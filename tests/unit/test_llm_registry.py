@@ -159,7 +159,7 @@ def test_lab_inventory_registry_is_valid() -> None:
     models = yaml.safe_load(path.read_text())["llm_models"]
     lab_groups = {"all": ["gw1", "gpu1", "gpu2"], "llm_gateways": ["gw1"], "llm_gpu_hosts": ["gpu1", "gpu2"]}
     names = [m["name"] for m in reg.llm_registry_normalize(models, lab_groups)]
-    assert names == ["chat-small", "chat-large", "embed-small"]
+    assert names == ["chat-small", "chat-large", "all-minilm-l6-v2"]
 
 
 # --- normalize: every validation error -----------------------------------------------------

@@ -65,11 +65,25 @@ export default {
   "models": [
     "chat-small",
     "chat-large",
-    "embed-small"
+    "all-minilm-l6-v2"
   ],
   "owner": "llm-gateway",
   "retryAfter": 5,
   "routes": {
+    "all-minilm-l6-v2": {
+      "aliases": [
+        "text-embedding-3-small"
+      ],
+      "endpoints": [
+        "embeddings"
+      ],
+      "engine": "infinity",
+      "id": "all-minilm-l6-v2",
+      "paths": {
+        "embeddings": "/embeddings"
+      },
+      "upstream": "llm_all_minilm_l6_v2"
+    },
     "chat-large": {
       "aliases": [],
       "endpoints": [
@@ -108,22 +122,6 @@ export default {
       },
       "upstream": "llm_chat_small"
     },
-    "embed-small": {
-      "aliases": [
-        "text-embedding-3-small"
-      ],
-      "endpoints": [
-        "embeddings",
-        "rerank"
-      ],
-      "engine": "command",
-      "id": "embed-small",
-      "paths": {
-        "embeddings": "/embeddings",
-        "rerank": "/rerank"
-      },
-      "upstream": "llm_embed_small"
-    },
     "gpt-4o-mini": {
       "aliases": [
         "gpt-4o-mini"
@@ -145,21 +143,33 @@ export default {
         "text-embedding-3-small"
       ],
       "endpoints": [
-        "embeddings",
-        "rerank"
+        "embeddings"
       ],
-      "engine": "command",
-      "id": "embed-small",
+      "engine": "infinity",
+      "id": "all-minilm-l6-v2",
       "paths": {
-        "embeddings": "/embeddings",
-        "rerank": "/rerank"
+        "embeddings": "/embeddings"
       },
-      "upstream": "llm_embed_small"
+      "upstream": "llm_all_minilm_l6_v2"
     }
   },
   "serviceUpstreams": [],
   "services": {},
   "upstreams": [
+    {
+      "model": "all-minilm-l6-v2",
+      "name": "llm_all_minilm_l6_v2",
+      "peers": [
+        {
+          "address": "10.89.0.12:8103",
+          "backup": false,
+          "weight": 1
+        }
+      ],
+      "servers": [
+        "10.89.0.12:8103"
+      ]
+    },
     {
       "model": "chat-large",
       "name": "llm_chat_large",
@@ -192,20 +202,6 @@ export default {
       "servers": [
         "10.89.0.11:8101",
         "10.89.0.12:8101"
-      ]
-    },
-    {
-      "model": "embed-small",
-      "name": "llm_embed_small",
-      "peers": [
-        {
-          "address": "10.89.0.12:8103",
-          "backup": false,
-          "weight": 1
-        }
-      ],
-      "servers": [
-        "10.89.0.12:8103"
       ]
     }
   ]
