@@ -251,6 +251,30 @@ def run_playbook(playbook: str, workdir: Path, extra_vars: dict[str, Any] | None
     return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=environment)
 
 
+# The smallest request of each kind, for wait_served.
+SMALLEST_REQUEST = {"chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                    "embeddings": ("/v1/embeddings", {"input": "hi"})}
+
+
+def wait_served(gateway_url: str, models: list[dict], headers: dict | None = None, timeout: float = 90.0) -> None:
+    """Wait until the gateway serves each of `models` again. A converge that restarts a model
+    server (a new key, new arguments) can end before the gateway routes to it again: its health
+    agent took the server out while it restarted and takes it back only after `rise` good probes
+    and a reload (the rolling playbook waits for that; site.yml does not)."""
+    for model in models:
+        endpoint = next(name for name in SMALLEST_REQUEST if name in model["endpoints"])
+        path, body = SMALLEST_REQUEST[endpoint]
+
+        def answers(name: str = model["name"]) -> bool:
+            try:
+                return requests.post(gateway_url + path, json={"model": name, **body}, headers=headers or {},
+                                     timeout=30).status_code == 200
+            except requests.RequestException:
+                return False
+
+        assert wait_until(answers, timeout, 1.0), f"the gateway does not serve {model['name']} within {timeout:g} s"
+
+
 def play_output(result: subprocess.CompletedProcess) -> str:
     """The end of a playbook's output, for assertion messages."""
     return result.stdout[-4000:] + result.stderr[-2000:]

@@ -89,6 +89,30 @@ def test_a_healthy_server_passes(backend: Backend) -> None:
     assert paths == ["/health", "/v1/models"]
 
 
+def test_an_answer_with_a_length_and_connection_close_is_read_whole() -> None:
+    """As uvicorn (Infinity, vLLM) answers: http.client closes the socket once the body is read,
+    and on Python 3.13 (Debian 13) setting a timeout on it then failed with EBADF."""
+    body = b'{"unix": 1.0}'
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(4)
+
+    def answer() -> None:
+        conn = listener.accept()[0]
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert agent_module._request(HOST, listener.getsockname()[1], "GET", "/health", 2.0, {}) == (200, body)
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+
+
 def test_a_failing_health_answer_is_the_reason(backend: Backend) -> None:
     backend.control("POST", "/_test/behaviour", {"mode": "fail", "status": 503})
     assert probe(upstream(backend.address)) == "GET /health: HTTP 503"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from lab_pytest import backend_path, hosts_of, play_output, run_playbook
+from lab_pytest import backend_path, hosts_of, play_output, run_playbook, wait_served
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -133,7 +133,7 @@ NEW_KEYS = {"chat-systemd": "NewKeyOfChatSystemd-0123456789abcdef", "minilm": "N
 
 
 @pytest.fixture(scope="module")
-def rekeyed(registry, lab_host, inventory, tmp_path_factory):
+def rekeyed(registry, lab_host, inventory, gateway_url, tmp_path_factory):
     """Converge with -v and two keys given in llm_model_api_keys.
 
     No converge puts the generated keys back here (it would cost a whole site.yml run): the
@@ -145,6 +145,7 @@ def rekeyed(registry, lab_host, inventory, tmp_path_factory):
     before = {m["name"]: _started(lab_host, inventory, m) for m in registry}
     result = run_playbook("site.yml", workdir, {"llm_model_api_keys": NEW_KEYS}, "-v")
     assert result.returncode == 0, play_output(result)
+    wait_served(gateway_url, registry)
     return result, before, {m["name"]: _started(lab_host, inventory, m) for m in registry}
 
 

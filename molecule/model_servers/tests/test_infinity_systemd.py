@@ -12,7 +12,7 @@ import math
 import openai
 import pytest
 
-from lab_pytest import play_output, run_playbook
+from lab_pytest import play_output, run_playbook, wait_served
 
 testinfra_hosts = ["ms-gpu2"]
 
@@ -23,7 +23,7 @@ WHEELHOUSE = "/srv/lab-cache/wheelhouse"
 
 
 @pytest.fixture(scope="module")
-def deployed(host, registry, tmp_path_factory):
+def deployed(host, registry, gateway_url, tmp_path_factory):
     """Converge with the venv model added, offline from the wheelhouse.
 
     No converge takes it away here (it would cost a whole site.yml run): the next module's
@@ -36,6 +36,7 @@ def deployed(host, registry, tmp_path_factory):
     result = run_playbook("site.yml", workdir, {"llm_models": [*registry, MODEL],
                                                 "model_server_pip_wheelhouse": WHEELHOUSE})
     assert result.returncode == 0, play_output(result)
+    wait_served(gateway_url, [MODEL])
     return result
 
 

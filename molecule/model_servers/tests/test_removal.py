@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from lab_pytest import play_output, run_playbook
+from lab_pytest import play_output, run_playbook, wait_served
 
 testinfra_hosts = ["llm_gateways"]
 
@@ -19,12 +19,13 @@ KEPT = "minilm"
 
 
 @pytest.fixture(scope="module")
-def removed(registry, tmp_path_factory):
+def removed(registry, gateway_url, tmp_path_factory):
     """Converge without the removed models; afterwards, converge the full registry again."""
     tmp_path = tmp_path_factory.mktemp("removal")
     kept = [model for model in registry if model["name"] not in REMOVED]
     result = run_playbook("site.yml", tmp_path, {"llm_models": kept})
     assert result.returncode == 0, play_output(result)
+    wait_served(gateway_url, kept)
     yield result
     restored = run_playbook("site.yml", tmp_path)
     assert restored.returncode == 0, play_output(restored)
