@@ -251,9 +251,8 @@ def run_playbook(playbook: str, workdir: Path, extra_vars: dict[str, Any] | None
     return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, env=environment)
 
 
-# The smallest request of each kind, for wait_served.
-SMALLEST_REQUEST = {"chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                    "embeddings": ("/v1/embeddings", {"input": "hi"})}
+# The smallest body of each kind, for wait_served.
+SMALLEST_BODY = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "embeddings": {"input": "hi"}}
 
 
 def wait_served(gateway_url: str, models: list[dict], headers: dict | None = None, timeout: float = 90.0) -> None:
@@ -262,8 +261,8 @@ def wait_served(gateway_url: str, models: list[dict], headers: dict | None = Non
     agent took the server out while it restarted and takes it back only after `rise` good probes
     and a reload (the rolling playbook waits for that; site.yml does not)."""
     for model in models:
-        endpoint = next(name for name in SMALLEST_REQUEST if name in model["endpoints"])
-        path, body = SMALLEST_REQUEST[endpoint]
+        endpoint = next(name for name in SMALLEST_BODY if name in model["endpoints"])
+        path, body = GATEWAY_PATHS[endpoint], SMALLEST_BODY[endpoint]
 
         def answers(name: str = model["name"]) -> bool:
             try:
